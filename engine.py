@@ -1,0 +1,91 @@
+"""One training epoch and one COCO evaluation pass; used by main.py."""
+import math
+import sys
+
+import torch
+
+import util.misc as utils
+from datasets.coco_eval import CocoEvaluator
+
+
+def weighted_loss(loss_dict, weight_dict):
+    return sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+
+def loss_log_values(loss_dict, weight_dict):
+    """Reduce the loss terms over ranks for logging: weighted terms as `k`, raw values as
+    `k_unscaled`, and everything the criterion reports without a weight (e.g. class_error)."""
+    reduced = utils.reduce_dict(loss_dict)
+    scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
+    unscaled = {f"{k}_unscaled": v for k, v in reduced.items() if k in weight_dict}
+    unweighted = {k: v for k, v in reduced.items() if k not in weight_dict}
+    return sum(scaled.values()), {**scaled, **unscaled, **unweighted}
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0, print_freq=10):
+    model.train()
+    criterion.train()
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = f"Epoch: [{epoch}]"
+
+    for samples, targets in metric_logger.log_every(data_loader, print_freq, header):
+        samples = samples.to(device)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+        outputs = model(samples)
+        loss_dict = criterion(outputs, targets)
+        losses = weighted_loss(loss_dict, criterion.weight_dict)
+
+        loss_value, log_values = loss_log_values(loss_dict, criterion.weight_dict)
+        loss_value = float(loss_value)
+        if not math.isfinite(loss_value):
+            # stderr directly: on ranks other than 0, print() is silenced.
+            sys.stderr.write(f"Loss is {loss_value}, stopping training; loss terms: "
+                             f"{ {k: float(v) for k, v in log_values.items()} }\n")
+            sys.exit(1)
+
+        optimizer.zero_grad()
+        losses.backward()
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+
+        metric_logger.update(loss=loss_value, **log_values)
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+@torch.no_grad()
+def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, print_freq=10):
+    """Losses and COCO box AP on the whole loader, merged across ranks.
+    Returns (stats, coco_evaluator); stats['coco_eval_bbox'] holds the 12 COCO numbers."""
+    model.eval()
+    criterion.eval()
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    coco_evaluator = CocoEvaluator(base_ds, ("bbox",))
+
+    for samples, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
+        samples = samples.to(device)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+        outputs = model(samples)
+        loss_dict = criterion(outputs, targets)
+        loss_value, log_values = loss_log_values(loss_dict, criterion.weight_dict)
+        metric_logger.update(loss=float(loss_value), **log_values)
+
+        orig_target_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
+        results = postprocessors["bbox"](outputs, orig_target_sizes)
+        coco_evaluator.update({t["image_id"].item(): r for t, r in zip(targets, results)})
+
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    coco_evaluator.synchronize_between_processes()
+    coco_evaluator.accumulate()
+    coco_evaluator.summarize()
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats["coco_eval_bbox"] = coco_evaluator.coco_eval["bbox"].stats.tolist()
+    return stats, coco_evaluator

@@ -1,0 +1,285 @@
+"""Train, fine-tune or evaluate DETR on COCO (or a COCO-format dataset), with DAP-loss as an option.
+
+    python main.py --coco_path /data/coco --finetune https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth \
+        --loss dap --matcher dap --output_dir outputs/detr_r50_dap
+    torchrun --nproc_per_node=8 main.py ...   # data parallel, one process per GPU
+"""
+import argparse
+import datetime
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+import util.misc as utils
+from datasets import build_dataset, get_coco_api_from_dataset
+from engine import evaluate, train_one_epoch
+from models import build_model
+from util.checkpoint import fit_state_dict, load_checkpoint, model_state_from_checkpoint
+from util.errors import UserInputError
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Set transformer detector", add_help=False)
+    parser.add_argument("--lr", default=1e-4, type=float)
+    parser.add_argument("--lr_backbone", default=1e-5, type=float,
+                        help="backbone learning rate; 0 freezes the backbone")
+    parser.add_argument("--batch_size", default=2, type=int, help="images per process (per GPU)")
+    parser.add_argument("--weight_decay", default=1e-4, type=float)
+    parser.add_argument("--epochs", default=300, type=int)
+    parser.add_argument("--lr_drop", default=200, type=int, help="StepLR step (epochs), gamma 0.1")
+    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm; 0 disables")
+
+    # Model parameters
+    parser.add_argument("--frozen_weights", type=str, default=None,
+                        help="path to a pretrained model; only the mask head would be trained (segmentation: not supported)")
+    # * Backbone
+    parser.add_argument("--backbone", default="resnet50", type=str, help="torchvision ResNet name")
+    parser.add_argument("--dilation", action="store_true",
+                        help="replace the stride of the last block by a dilation (DC5)")
+    parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned", "v2", "v3"),
+                        help="positional embedding on the image features")
+    parser.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",
+                        help="do not fetch ImageNet backbone weights (implied by --finetune/--resume)")
+    # * Transformer
+    parser.add_argument("--enc_layers", default=6, type=int)
+    parser.add_argument("--dec_layers", default=6, type=int)
+    parser.add_argument("--dim_feedforward", default=2048, type=int)
+    parser.add_argument("--hidden_dim", default=256, type=int, help="embedding size of the transformer")
+    parser.add_argument("--dropout", default=0.1, type=float)
+    parser.add_argument("--nheads", default=8, type=int)
+    parser.add_argument("--num_queries", default=100, type=int)
+    parser.add_argument("--pre_norm", action="store_true")
+    parser.add_argument("--num_classes", default=None, type=int,
+                        help="max category id + 1 (default: 91 for COCO)")
+    # * Segmentation (upstream flag; not supported here)
+    parser.add_argument("--masks", action="store_true", help="segmentation head (not supported)")
+
+    # Loss
+    parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                        help="disable the losses on intermediate decoder layers")
+    # * Matcher
+    parser.add_argument("--set_cost_class", default=1, type=float, help="class weight in the matching cost")
+    parser.add_argument("--set_cost_bbox", default=5, type=float, help="L1 box weight in the matching cost")
+    parser.add_argument("--set_cost_giou", default=2, type=float, help="GIoU weight in the matching cost")
+    # * Loss coefficients
+    parser.add_argument("--mask_loss_coef", default=1, type=float)
+    parser.add_argument("--dice_loss_coef", default=1, type=float)
+    parser.add_argument("--bbox_loss_coef", default=5, type=float)
+    parser.add_argument("--giou_loss_coef", default=2, type=float)
+    parser.add_argument("--eos_coef", default=0.1, type=float, help="relative weight of the no-object class")
+    # * DAP-loss (../docs: README "DAP-loss")
+    parser.add_argument("--loss", default="raw", choices=("raw", "dap", "raw+dap"),
+                        help="upstream losses, DAP-loss only, or both summed")
+    parser.add_argument("--matcher", default="hungarian", choices=("hungarian", "dap"),
+                        help="upstream matching cost, or the AP cost of Eq. 11")
+    parser.add_argument("--dap_cost_mode", default="constant", choices=("constant", "momentum"),
+                        help="precision table of the AP-cost matcher: constant 1/N or a moving average")
+    parser.add_argument("--dap_momentum", default=0.9, type=float, help="m of the momentum matcher")
+    parser.add_argument("--dap_bins", default=32, type=int, help="N, the number of score thresholds")
+    parser.add_argument("--dap_sigma", default=0.05, type=float, help="sigma of the Gaussian score smoothing")
+    parser.add_argument("--dap_num_gt", default=256, type=int,
+                        help="G, the DAP normaliser; 0 = the true number of boxes in the global batch")
+    parser.add_argument("--dap_neg_topk", default=100, type=int,
+                        help="negatives kept per image for sigmoid models; 0 = all")
+    parser.add_argument("--dap_loss_coef", default=1.0, type=float, help="weight of loss_dap and its auxiliary copies")
+
+    # Dataset parameters
+    parser.add_argument("--dataset_file", default="coco")
+    parser.add_argument("--coco_path", type=str, help="folder with train2017/ val2017/ annotations/")
+    parser.add_argument("--coco_panoptic_path", type=str)
+    parser.add_argument("--remove_difficult", action="store_true")
+    parser.add_argument("--input_scale", default=1.0, type=float,
+                        help="multiply every image size of the transforms (0.25 makes CPU runs practical)")
+
+    parser.add_argument("--output_dir", default="", help="where to save checkpoints and logs; empty = no saving")
+    parser.add_argument("--device", default="cuda", help="cuda or cpu")
+    parser.add_argument("--seed", default=42, type=int)
+    parser.add_argument("--resume", default="", help="resume training from a checkpoint (path or URL)")
+    parser.add_argument("--finetune", default="", metavar="PATH_OR_URL",
+                        help="load model weights only (not optimizer, scheduler or epoch), e.g. a released checkpoint")
+    parser.add_argument("--finetune_drop_class_head", action="store_true",
+                        help="with --finetune: re-initialise the class head (another --num_classes)")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
+    parser.add_argument("--eval", action="store_true", help="only evaluate")
+    parser.add_argument("--num_workers", default=2, type=int)
+    parser.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
+
+    # distributed training parameters
+    parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    return parser
+
+
+def check_args(args):
+    """Refuse flag combinations that cannot work, before anything is built."""
+    if args.masks or args.frozen_weights:
+        raise UserInputError("--masks/--frozen_weights (segmentation) are not supported by dap-detr")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"--device {args.device} was requested but CUDA is not available; pass --device cpu")
+    if args.finetune and args.resume:
+        raise UserInputError("--finetune and --resume are exclusive: --resume restores a whole training state")
+    if args.finetune_drop_class_head and not args.finetune:
+        raise UserInputError("--finetune_drop_class_head needs --finetune")
+    if args.finetune or args.resume:
+        # The checkpoint overwrites the backbone: fetching ImageNet weights would be wasted (and fail offline).
+        args.pretrained_backbone = False
+
+
+def build_optimizer(model_without_ddp, args):
+    """AdamW with upstream's two groups: backbone at lr_backbone, everything else at lr."""
+    params = [(n, p) for n, p in model_without_ddp.named_parameters() if p.requires_grad]
+    param_dicts = [
+        {"params": [p for n, p in params if "backbone" not in n]},
+        {"params": [p for n, p in params if "backbone" in n], "lr": args.lr_backbone},
+    ]
+    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    return optimizer, lr_scheduler
+
+
+def build_loaders(dataset_train, dataset_val, args):
+    if args.distributed:
+        sampler_train = DistributedSampler(dataset_train)
+        sampler_val = DistributedSampler(dataset_val, shuffle=False)
+    else:
+        sampler_train = RandomSampler(dataset_train)
+        sampler_val = SequentialSampler(dataset_val)
+    batch_sampler_train = BatchSampler(sampler_train, args.batch_size, drop_last=True)
+    if len(batch_sampler_train) == 0:
+        raise UserInputError(f"the training set has {len(dataset_train)} images, fewer than one batch of "
+                             f"{args.batch_size} per process")
+    data_loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler_train,
+                                   collate_fn=utils.collate_fn, num_workers=args.num_workers)
+    data_loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
+                                 collate_fn=utils.collate_fn, num_workers=args.num_workers)
+    return sampler_train, data_loader_train, data_loader_val
+
+
+def save_checkpoint(path, model_without_ddp, optimizer, lr_scheduler, epoch, args):
+    """Write atomically (temp file + rename) so a job killed mid-write leaves the last good file."""
+    if not utils.is_main_process():
+        return
+    tmp = path.with_suffix(".pth.tmp")
+    torch.save({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args}, tmp)
+    tmp.replace(path)
+
+
+def save_coco_eval(coco_evaluator, path):
+    """Save the bbox COCOeval arrays (precision, recall, scores) as tensors, readable with weights_only."""
+    if coco_evaluator is None or not utils.is_main_process():
+        return
+    ev = coco_evaluator.coco_eval["bbox"].eval
+    torch.save({k: torch.as_tensor(ev[k]) for k in ("precision", "recall", "scores")}, path)
+
+
+def main(args):
+    check_args(args)
+    utils.init_distributed_mode(args)
+    print(utils.get_sha())
+    print(args)
+    device = torch.device(args.device)
+
+    # A different seed per rank, so the data augmentations differ across processes.
+    seed = args.seed + utils.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+    model, criterion, postprocessors = build_model(args)
+    model.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+        model_without_ddp = model.module
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print("number of params:", n_parameters)
+
+    optimizer, lr_scheduler = build_optimizer(model_without_ddp, args)
+
+    dataset_train = build_dataset(image_set="train", args=args)
+    dataset_val = build_dataset(image_set="val", args=args)
+    sampler_train, data_loader_train, data_loader_val = build_loaders(dataset_train, dataset_val, args)
+    base_ds = get_coco_api_from_dataset(dataset_val)
+
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if args.finetune:
+        checkpoint = load_checkpoint(args.finetune)
+        drop = ("class_embed",) if args.finetune_drop_class_head else ()
+        fit_state_dict(model_without_ddp, model_state_from_checkpoint(checkpoint, args.finetune),
+                       source=args.finetune, drop_prefixes=drop)
+        print(f"Fine-tuning from {args.finetune}" + (" (class head re-initialised)" if drop else ""))
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        fit_state_dict(model_without_ddp, model_state_from_checkpoint(checkpoint, args.resume), source=args.resume)
+        if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            args.start_epoch = checkpoint["epoch"] + 1
+            print(f"Resumed from {args.resume}: continuing at epoch {args.start_epoch}")
+
+    if args.eval:
+        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds,
+                                              device, print_freq=args.print_freq)
+        if output_dir:
+            save_coco_eval(coco_evaluator, output_dir / "eval.pth")
+            if utils.is_main_process():
+                with (output_dir / "eval_stats.json").open("w") as f:
+                    json.dump({f"test_{k}": v for k, v in test_stats.items()}, f)
+        return test_stats
+
+    print("Start training")
+    start_time = time.time()
+    log_stats = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            sampler_train.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
+                                      args.clip_max_norm, print_freq=args.print_freq)
+        lr_scheduler.step()
+        if output_dir:
+            save_checkpoint(output_dir / "checkpoint.pth", model_without_ddp, optimizer, lr_scheduler, epoch, args)
+            # Extra copies before each learning-rate drop and every 100 epochs, as upstream.
+            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
+                save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", model_without_ddp, optimizer,
+                                lr_scheduler, epoch, args)
+
+        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds,
+                                              device, print_freq=args.print_freq)
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                     **{f"test_{k}": v for k, v in test_stats.items()},
+                     "epoch": epoch, "n_parameters": n_parameters}
+        if output_dir and utils.is_main_process():
+            with (output_dir / "log.txt").open("a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+            (output_dir / "eval").mkdir(exist_ok=True)
+            save_coco_eval(coco_evaluator, output_dir / "eval" / "latest.pth")
+            if epoch % 50 == 49:
+                save_coco_eval(coco_evaluator, output_dir / "eval" / f"{epoch:03}.pth")
+
+    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f"Training time {total_time}")
+    return log_stats
+
+
+def run_cli(argv=None):
+    parser = argparse.ArgumentParser("DETR training and evaluation script", parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        main(args)
+    except UserInputError as e:
+        sys.stderr.write(f"error: {e}\n")  # not print(): silenced on ranks other than 0
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_cli()

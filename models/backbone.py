@@ -1,0 +1,137 @@
+"""ResNet backbone with frozen batch norm, and the Joiner that adds positional encodings."""
+from collections import OrderedDict
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from util.errors import UserInputError
+from util.misc import NestedTensor, is_main_process
+
+from .position_encoding import build_position_encoding
+
+RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d whose statistics and affine parameters are fixed buffers.
+
+    DETR trains with 2 images per GPU, too few for batch statistics. The module keeps no
+    `num_batches_tracked`, so its state dict matches the released DETR checkpoints.
+    """
+
+    def __init__(self, n, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(n))
+        self.register_buffer("bias", torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        # torchvision's ImageNet weights come from a real BatchNorm2d and carry this counter.
+        state_dict.pop(prefix + 'num_batches_tracked', None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+class LayerGetter(nn.ModuleDict):
+    """The children of a model up to the last one named in `return_layers`, run in order.
+
+    Being a ModuleDict of the ResNet's own children keeps the state-dict names
+    `body.conv1`, `body.layer1`, ... that the DETR checkpoints use.
+    """
+
+    def __init__(self, model, return_layers):
+        remaining = set(return_layers)
+        layers = OrderedDict()
+        for name, module in model.named_children():
+            if not remaining:
+                break
+            layers[name] = module
+            remaining.discard(name)
+        if remaining:
+            raise ValueError(f"LayerGetter: {sorted(remaining)} are not children of the model")
+        super().__init__(layers)
+        self.return_layers = dict(return_layers)
+
+    def forward(self, x):
+        out = OrderedDict()
+        for name, module in self.items():
+            x = module(x)
+            if name in self.return_layers:
+                out[self.return_layers[name]] = x
+        return out
+
+
+class BackboneBase(nn.Module):
+
+    def __init__(self, backbone, train_backbone, num_channels, return_layers):
+        super().__init__()
+        for name, parameter in backbone.named_parameters():
+            # The stem and layer1 stay frozen even when the backbone is trained, as upstream.
+            if not train_backbone or not name.startswith(('layer2', 'layer3', 'layer4')):
+                parameter.requires_grad_(False)
+        self.body = LayerGetter(backbone, return_layers)
+        self.num_channels = num_channels
+
+    def forward(self, tensor_list: NestedTensor):
+        xs = self.body(tensor_list.tensors)
+        out = {}
+        for name, x in xs.items():
+            mask = F.interpolate(tensor_list.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
+            out[name] = NestedTensor(x, mask)
+        return out
+
+
+class Backbone(BackboneBase):
+    """A torchvision ResNet with frozen batch norm; returns the layer4 feature map as '0'."""
+
+    def __init__(self, name, train_backbone, dilation=False, pretrained=False):
+        if name not in RESNETS:
+            raise UserInputError(f"unknown --backbone {name!r}; use one of {', '.join(RESNETS)}")
+        if dilation and name in ('resnet18', 'resnet34'):
+            raise UserInputError(f"--dilation needs a bottleneck ResNet (resnet50/101), not {name}")
+        # Only the main process downloads; the other ranks get rank 0's weights when DDP wraps the model.
+        weights = None
+        if pretrained and is_main_process():
+            weights = torchvision.models.get_model_weights(name)['IMAGENET1K_V1']
+        try:
+            backbone = getattr(torchvision.models, name)(
+                weights=weights, replace_stride_with_dilation=[False, False, dilation],
+                norm_layer=FrozenBatchNorm2d)
+        except OSError as e:  # URLError, timeouts, an unwritable cache folder
+            raise UserInputError(
+                f"could not download the ImageNet weights of {name} from {weights.url} ({e}); "
+                "pass --no_pretrained_backbone or pre-seed $TORCH_HOME/hub/checkpoints with that file") from e
+        num_channels = 512 if name in ('resnet18', 'resnet34') else 2048
+        super().__init__(backbone, train_backbone, num_channels, return_layers={'layer4': '0'})
+
+
+class Joiner(nn.Sequential):
+    """Backbone followed by the positional encoding of each returned feature map."""
+
+    def __init__(self, backbone, position_embedding):
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+
+    def forward(self, tensor_list: NestedTensor):
+        xs = self[0](tensor_list)
+        out, pos = [], []
+        for _, x in sorted(xs.items()):
+            out.append(x)
+            pos.append(self[1](x).to(x.tensors.dtype))
+        return out, pos
+
+
+def build_backbone(args):
+    position_embedding = build_position_encoding(args)
+    backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0, dilation=args.dilation,
+                        pretrained=args.pretrained_backbone)
+    return Joiner(backbone, position_embedding)

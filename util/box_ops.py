@@ -1,0 +1,49 @@
+"""Box format conversions and IoU / generalized IoU on xyxy boxes."""
+import torch
+
+
+def box_cxcywh_to_xyxy(boxes):
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def box_xyxy_to_cxcywh(boxes):
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def box_area(boxes):
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_iou(boxes1, boxes2):
+    """Pairwise IoU of [N,4] and [M,4] xyxy boxes; returns (iou [N,M], union [N,M])."""
+    area1, area2 = box_area(boxes1), box_area(boxes2)
+    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
+    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
+    union = area1[:, None] + area2[None, :] - inter
+    return inter / union, union
+
+
+def generalized_box_iou(boxes1, boxes2):
+    """Pairwise generalized IoU (Rezatofighi et al. 2019) of [N,4] and [M,4] xyxy boxes."""
+    # Degenerate boxes give inf/nan below; catching them here names the real problem.
+    if not (boxes1[:, 2:] >= boxes1[:, :2]).all():
+        raise ValueError("generalized_box_iou: boxes1 has x1 < x0 or y1 < y0")
+    if not (boxes2[:, 2:] >= boxes2[:, :2]).all():
+        raise ValueError("generalized_box_iou: boxes2 has x1 < x0 or y1 < y0")
+    iou, union = box_iou(boxes1, boxes2)
+    top_left = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
+    bottom_right = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    enclosing = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
+    return iou - (enclosing - union) / enclosing
+
+
+def paired_box_iou(boxes1, boxes2):
+    """IoU of corresponding rows of two [N,4] xyxy box tensors (the diagonal of box_iou)."""
+    top_left = torch.max(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
+    union = box_area(boxes1) + box_area(boxes2) - inter
+    return inter / union

@@ -1,0 +1,109 @@
+"""Reading checkpoints safely and fitting their weights to a model.
+
+Checkpoints are unpickled with ``weights_only=True``: only tensors, containers of plain Python
+values and the few types allowlisted below can come back, so a checkpoint can never run code.
+Every failure becomes a ``UserInputError`` whose one-line message names the file and the problem.
+"""
+import argparse
+import os
+import pickle
+import zipfile
+from urllib.error import URLError
+
+import torch
+
+from util.errors import UserInputError
+
+# DETR's and Deformable DETR's main.py store the command line (an argparse.Namespace) in 'args'.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def _is_url(path):
+    return str(path).startswith(("http://", "https://"))
+
+
+def load_checkpoint(path_or_url):
+    """Load a checkpoint file (or URL, downloaded into the torch hub cache) onto the CPU."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            if _is_url(path_or_url):
+                # check_hash verifies the sha256 prefix in the released file names (e.g. -e632da11).
+                return torch.hub.load_state_dict_from_url(
+                    path_or_url, map_location="cpu", check_hash=True, weights_only=True)
+            if not os.path.isfile(path_or_url):
+                raise UserInputError(f"checkpoint not found: {path_or_url}")
+            return torch.load(path_or_url, map_location="cpu", weights_only=True)
+    except UserInputError:
+        raise
+    except pickle.UnpicklingError as e:
+        # weights_only refused a type: say which, never fall back to full unpickling.
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise UserInputError(
+            f"refusing to load {path_or_url}: it holds objects that are not plain weights "
+            f"({first_line})") from None
+    except (URLError, OSError) as e:
+        if _is_url(path_or_url):
+            raise UserInputError(
+                f"could not download {path_or_url} ({e}); download it elsewhere and pass the "
+                f"local path instead") from None
+        raise UserInputError(f"cannot read checkpoint {path_or_url}: {e}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise UserInputError(
+            f"checkpoint {path_or_url} is corrupt or not a PyTorch file ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})") from None
+
+
+def model_state_from_checkpoint(checkpoint, source="checkpoint"):
+    """The model's state dict inside a checkpoint of any of the supported layouts:
+    {'model': sd} (DETR, Deformable DETR, this project), {'ema': {'module': sd}} (RT-DETR),
+    or a bare state dict."""
+    if not isinstance(checkpoint, dict):
+        raise UserInputError(f"{source} does not contain a state dict (got {type(checkpoint).__name__})")
+    if "model" in checkpoint and isinstance(checkpoint["model"], dict):
+        return checkpoint["model"]
+    ema = checkpoint.get("ema")
+    if isinstance(ema, dict) and isinstance(ema.get("module"), dict):
+        return ema["module"]
+    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint
+    raise UserInputError(
+        f"{source} has no model weights: expected a 'model' entry, an 'ema'/'module' entry or a "
+        f"bare state dict, found keys {sorted(checkpoint)[:8]}")
+
+
+def _summarise(keys, limit=6):
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
+
+
+def fit_state_dict(model, state_dict, source="checkpoint", drop_prefixes=()):
+    """Load ``state_dict`` into ``model`` strictly: every key present with the right shape.
+
+    Keys starting with one of ``drop_prefixes`` are not loaded (the model keeps its freshly
+    initialised values for them): this is how a released COCO checkpoint fine-tunes on a dataset
+    with another number of classes. Any other mismatch is an error naming the keys.
+    """
+    def dropped(key):
+        return any(key.startswith(p) for p in drop_prefixes)
+
+    own = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items() if not dropped(k)}
+    missing = [k for k in own if k not in state_dict and not dropped(k)]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_summarise(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_summarise(unexpected)}")
+    if wrong_shape:
+        problems.append(f"shape mismatch: {_summarise(wrong_shape, limit=3)}")
+    if problems:
+        hint = ""
+        if any(k.startswith("class_embed") for k in wrong_shape):
+            hint = (" (the class head has another number of classes: pass --num_classes to match, "
+                    "or --finetune_drop_class_head to re-initialise it)")
+        raise UserInputError(f"{source} does not fit the model: {'; '.join(problems)}{hint}")
+    model.load_state_dict(state_dict, strict=not drop_prefixes)

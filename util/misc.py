@@ -1,0 +1,274 @@
+"""Small helpers shared by training and evaluation: batching images of different sizes,
+distributed bookkeeping and metric logging."""
+import builtins
+import datetime
+import os
+import subprocess
+import time
+from collections import defaultdict, deque
+
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------- batching
+
+class NestedTensor:
+    """A batch of zero-padded images and the mask of their padding (True = padding)."""
+
+    def __init__(self, tensors, mask):
+        self.tensors = tensors
+        self.mask = mask
+
+    def to(self, device, non_blocking=False):
+        mask = None if self.mask is None else self.mask.to(device, non_blocking=non_blocking)
+        return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
+
+    def decompose(self):
+        return self.tensors, self.mask
+
+    def __repr__(self):
+        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={tuple(self.mask.shape)})"
+
+
+def nested_tensor_from_tensor_list(tensor_list):
+    """Pad [C,H,W] images at the bottom and right to the largest H and W of the batch."""
+    if tensor_list[0].ndim != 3:
+        raise ValueError("expected a list of [C,H,W] images")
+    channels = tensor_list[0].shape[0]
+    max_h = max(img.shape[1] for img in tensor_list)
+    max_w = max(img.shape[2] for img in tensor_list)
+    first = tensor_list[0]
+    tensors = first.new_zeros((len(tensor_list), channels, max_h, max_w))
+    mask = torch.ones((len(tensor_list), max_h, max_w), dtype=torch.bool, device=first.device)
+    for img, padded, pad_mask in zip(tensor_list, tensors, mask):
+        padded[:, :img.shape[1], :img.shape[2]].copy_(img)
+        pad_mask[:img.shape[1], :img.shape[2]] = False
+    return NestedTensor(tensors, mask)
+
+
+def collate_fn(batch):
+    images, targets = zip(*batch)
+    return nested_tensor_from_tensor_list(list(images)), targets
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def save_on_master(*args, **kwargs):
+    if is_main_process():
+        torch.save(*args, **kwargs)
+
+
+def all_gather(data):
+    """Gather any picklable object from every rank; returns a list with one entry per rank."""
+    if get_world_size() == 1:
+        return [data]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, data)
+    return gathered
+
+
+def reduce_dict(input_dict, average=True):
+    """All-reduce a dict of scalar tensors (for logging); every rank gets the same values."""
+    world_size = get_world_size()
+    if world_size < 2:
+        return input_dict
+    with torch.no_grad():
+        names = sorted(input_dict.keys())
+        values = torch.stack([input_dict[k].detach().float() for k in names])
+        dist.all_reduce(values)
+        if average:
+            values /= world_size
+        return dict(zip(names, values))
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on every rank but the first; print(..., force=True) still prints."""
+    builtin_print = builtins.print
+
+    def print_on_master(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_on_master
+
+
+def init_distributed_mode(args):
+    """Set args.distributed/rank/world_size/gpu from torchrun's or SLURM's environment and
+    initialise the process group: NCCL on GPUs, gloo on CPU."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in os.environ and getattr(args, "world_size", 1) > 1:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+    else:
+        print("Not using distributed mode")
+        args.distributed = False
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        return
+
+    args.distributed = True
+    use_cuda = str(args.device).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    args.dist_backend = "nccl" if use_cuda else "gloo"
+    print(f"| distributed init (rank {args.rank}): {args.dist_url}, backend {args.dist_backend}",
+          flush=True)
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class SmoothedValue:
+    """Track a series of values; report the median/average of a recent window and the
+    global average."""
+
+    def __init__(self, window_size=20, fmt="{median:.4f} ({global_avg:.4f})"):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self):
+        """Sum count and total over ranks (the window stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    @property
+    def median(self):
+        return torch.tensor(list(self.deque)).median().item()
+
+    @property
+    def avg(self):
+        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self):
+        return max(self.deque)
+
+    @property
+    def value(self):
+        return self.deque[-1]
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    def __init__(self, delimiter="  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs):
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            self.meters[name].update(float(value))
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def __getattr__(self, attr):
+        meters = self.__dict__.get("meters", {})
+        if attr in meters:
+            return meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def log_every(self, iterable, print_freq, header=""):
+        """Yield from iterable, printing progress, ETA, meters, timing and memory every
+        print_freq steps and at the last one."""
+        total = len(iterable)
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        width = len(str(total))
+        start = end = time.time()
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                parts = [f"{header} [{i:{width}d}/{total}]", f"eta: {eta}", str(self),
+                         f"time: {iter_time}", f"data: {data_time}"]
+                if torch.cuda.is_available():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
+                print(self.delimiter.join(parts), flush=True)
+            end = time.time()
+        elapsed = datetime.timedelta(seconds=int(time.time() - start))
+        print(f"{header} Total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)")
+
+
+@torch.no_grad()
+def accuracy(output, target, topk=(1,)):
+    """Top-k accuracy in percent for each k; 0 when there are no targets."""
+    if target.numel() == 0:
+        return [torch.zeros([], device=output.device)]
+    maxk = max(topk)
+    _, pred = output.topk(maxk, dim=1)
+    correct = pred.t().eq(target.view(1, -1))
+    return [correct[:k].reshape(-1).float().sum() * (100.0 / target.size(0)) for k in topk]
+
+
+def inverse_sigmoid(x, eps=1e-5):
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def get_sha():
+    """The git commit of the code, for the log (or 'N/A' outside a repository)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def run(*cmd):
+        return subprocess.check_output(cmd, cwd=here, stderr=subprocess.DEVNULL).decode().strip()
+
+    try:
+        sha = run("git", "rev-parse", "HEAD")
+        dirty = "has uncommitted changes" if run("git", "status", "--porcelain") else "clean"
+        return f"sha: {sha}, status: {dirty}"
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "sha: N/A"
