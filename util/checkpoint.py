@@ -7,7 +7,6 @@ Every failure becomes a ``UserInputError`` whose one-line message names the file
 import argparse
 import os
 import pickle
-import zipfile
 from urllib.error import URLError
 
 import torch
@@ -35,22 +34,29 @@ def load_checkpoint(path_or_url):
             return torch.load(path_or_url, map_location="cpu", weights_only=True)
     except UserInputError:
         raise
-    except pickle.UnpicklingError as e:
-        # weights_only refused a type: say which, never fall back to full unpickling.
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise UserInputError(
-            f"refusing to load {path_or_url}: it holds objects that are not plain weights "
-            f"({first_line})") from None
     except (URLError, OSError) as e:
         if _is_url(path_or_url):
             raise UserInputError(
                 f"could not download {path_or_url} ({e}); download it elsewhere and pass the "
                 f"local path instead") from None
         raise UserInputError(f"cannot read checkpoint {path_or_url}: {e}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # the unpickler reports corrupt data with many exception types
+        detail = _first_line(e)
+        if isinstance(e, pickle.UnpicklingError) and "unsupported global" in str(e).lower():
+            # weights_only refused a type: say which, never fall back to full unpickling.
+            raise UserInputError(
+                f"refusing to load {path_or_url}: it holds objects that are not plain weights "
+                f"({detail})") from None
         raise UserInputError(
-            f"checkpoint {path_or_url} is corrupt or not a PyTorch file ({type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})") from None
+            f"checkpoint {path_or_url} is corrupt or not a PyTorch file ({type(e).__name__}: {detail})") from None
+
+
+def _first_line(error):
+    text = str(error).strip()
+    for line in text.splitlines():
+        if "unsupported global" in line.lower():
+            return line.strip()
+    return text.splitlines()[0] if text else "no detail"
 
 
 def model_state_from_checkpoint(checkpoint, source="checkpoint"):

@@ -1,0 +1,156 @@
+import argparse
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from util import box_ops
+from util.checkpoint import fit_state_dict, load_checkpoint, model_state_from_checkpoint
+from util.errors import UserInputError
+from util.misc import SmoothedValue, accuracy, inverse_sigmoid, nested_tensor_from_tensor_list
+
+
+# ----------------------------------------------------------------------------- misc
+
+def test_nested_tensor_pads_bottom_right_and_masks_padding():
+    a = torch.rand(3, 4, 6)
+    b = torch.rand(3, 5, 2)
+    nt = nested_tensor_from_tensor_list([a, b])
+    assert nt.tensors.shape == (2, 3, 5, 6)
+    assert torch.equal(nt.tensors[0, :, :4, :6], a)
+    assert torch.equal(nt.tensors[1, :, :5, :2], b)
+    assert nt.tensors[0, :, 4:].abs().sum() == 0 and nt.tensors[1, :, :, 2:].abs().sum() == 0
+    expected_mask = torch.ones(2, 5, 6, dtype=torch.bool)
+    expected_mask[0, :4, :6] = False
+    expected_mask[1, :5, :2] = False
+    assert torch.equal(nt.mask, expected_mask)
+
+
+def test_smoothed_value_window_and_global_average():
+    v = SmoothedValue(window_size=2)
+    for x in (1.0, 2.0, 6.0):
+        v.update(x)
+    assert v.global_avg == pytest.approx(3.0)
+    assert v.avg == pytest.approx(4.0)
+    assert v.value == 6.0
+
+
+def test_accuracy_and_inverse_sigmoid():
+    logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    assert accuracy(logits, torch.tensor([1, 1, 1]))[0].item() == pytest.approx(200 / 3)
+    assert accuracy(logits[:0], torch.tensor([], dtype=torch.long))[0].item() == 0
+    x = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(torch.sigmoid(inverse_sigmoid(x)), x, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- box_ops
+
+def test_box_conversions_round_trip():
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.1, 0.9, 0.1, 0.1]])
+    xyxy = box_ops.box_cxcywh_to_xyxy(boxes)
+    assert torch.allclose(xyxy[0], torch.tensor([0.4, 0.3, 0.6, 0.7]))
+    assert torch.allclose(box_ops.box_xyxy_to_cxcywh(xyxy), boxes)
+
+
+def test_iou_and_giou_hand_values():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [4.0, 0.0, 5.0, 1.0]])
+    iou, union = box_ops.box_iou(a, b)
+    # overlap 1, union 4 + 4 - 1 = 7; disjoint box: IoU 0, union 5
+    assert torch.allclose(iou, torch.tensor([[1 / 7, 0.0]]))
+    assert torch.allclose(union, torch.tensor([[7.0, 5.0]]))
+    giou = box_ops.generalized_box_iou(a, b)
+    # enclosing boxes: 3x3 = 9 and 5x2 = 10
+    assert torch.allclose(giou, torch.tensor([[1 / 7 - 2 / 9, 0 - 5 / 10]]))
+    assert torch.allclose(box_ops.paired_box_iou(a.expand(2, 4), b), iou[0])
+    with pytest.raises(ValueError, match="boxes2"):
+        box_ops.generalized_box_iou(a, torch.tensor([[1.0, 1.0, 0.0, 2.0]]))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class _Net(nn.Module):
+    def __init__(self, classes=3):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.class_embed = nn.Linear(4, classes)
+
+
+class _Boom:
+    """Unpickling this would run os.system: a safe loader must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch SHOULD_NOT_EXIST",))
+
+
+def test_load_checkpoint_accepts_namespace_and_round_trips(tmp_path):
+    net = _Net()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": net.state_dict(), "args": argparse.Namespace(lr=1e-4), "epoch": 3}, path)
+    ckpt = load_checkpoint(str(path))
+    assert ckpt["args"].lr == 1e-4 and ckpt["epoch"] == 3
+    fresh = _Net()
+    fit_state_dict(fresh, model_state_from_checkpoint(ckpt))
+    assert torch.equal(fresh.body.weight, net.body.weight)
+
+
+def test_load_checkpoint_never_runs_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "payload": _Boom()}, path)
+    with pytest.raises(UserInputError, match="refusing to load"):
+        load_checkpoint(str(path))
+    assert not (tmp_path / "SHOULD_NOT_EXIST").exists()
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "not found"),
+    (b"this is not a checkpoint", "corrupt or not a PyTorch file"),
+])
+def test_load_checkpoint_bad_files(tmp_path, content, match):
+    path = tmp_path / "bad.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserInputError, match=match) as err:
+        load_checkpoint(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    path = tmp_path / "cut.pth"
+    torch.save({"model": _Net().state_dict()}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UserInputError, match="cut.pth"):
+        load_checkpoint(str(path))
+
+
+def test_model_state_layouts():
+    sd = {"w": torch.zeros(1)}
+    assert model_state_from_checkpoint({"model": sd}) is sd
+    assert model_state_from_checkpoint({"ema": {"module": sd, "updates": 5}}) is sd
+    assert model_state_from_checkpoint(sd) is sd
+    with pytest.raises(UserInputError, match="no model weights"):
+        model_state_from_checkpoint({"optimizer": {}, "epoch": 1})
+
+
+def test_fit_state_dict_names_every_kind_of_mismatch():
+    sd = _Net(classes=5).state_dict()
+    with pytest.raises(UserInputError, match=r"shape mismatch: class_embed.*--finetune_drop_class_head"):
+        fit_state_dict(_Net(classes=3), sd)
+    sd_missing = {k: v for k, v in _Net().state_dict().items() if k != "body.bias"}
+    with pytest.raises(UserInputError, match="missing keys: body.bias"):
+        fit_state_dict(_Net(), sd_missing)
+    sd_extra = {**_Net().state_dict(), "extra.weight": torch.zeros(1)}
+    with pytest.raises(UserInputError, match="unexpected keys: extra.weight"):
+        fit_state_dict(_Net(), sd_extra)
+
+
+def test_fit_state_dict_drop_class_head_keeps_fresh_head():
+    source = _Net(classes=5)
+    target = _Net(classes=3)
+    head_before = target.class_embed.weight.clone()
+    fit_state_dict(target, source.state_dict(), drop_prefixes=("class_embed",))
+    assert torch.equal(target.body.weight, source.body.weight)
+    assert torch.equal(target.class_embed.weight, head_before)
