@@ -15,7 +15,7 @@ def weighted_loss(loss_dict, weight_dict):
 def loss_log_values(loss_dict, weight_dict):
     """Reduce the loss terms over ranks for logging: weighted terms as `k`, raw values as
     `k_unscaled`, and everything the criterion reports without a weight (e.g. class_error)."""
-    reduced = utils.reduce_dict(loss_dict)
+    reduced = utils.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
     scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
     unscaled = {f"{k}_unscaled": v for k, v in reduced.items() if k in weight_dict}
     unweighted = {k: v for k, v in reduced.items() if k not in weight_dict}

@@ -7,12 +7,10 @@
 import argparse
 import datetime
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
@@ -96,6 +94,8 @@ def get_args_parser():
     parser.add_argument("--remove_difficult", action="store_true")
     parser.add_argument("--input_scale", default=1.0, type=float,
                         help="multiply every image size of the transforms (0.25 makes CPU runs practical)")
+    parser.add_argument("--no_train_augmentation", dest="train_augmentation", action="store_false",
+                        help="train with the evaluation transforms (deterministic inputs, e.g. for exact comparisons)")
 
     parser.add_argument("--output_dir", default="", help="where to save checkpoints and logs; empty = no saving")
     parser.add_argument("--device", default="cuda", help="cuda or cpu")
@@ -187,10 +187,7 @@ def main(args):
     device = torch.device(args.device)
 
     # A different seed per rank, so the data augmentations differ across processes.
-    seed = args.seed + utils.get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    utils.seed_everything(args.seed, utils.get_rank())
 
     model, criterion, postprocessors = build_model(args)
     model.to(device)
@@ -239,6 +236,7 @@ def main(args):
     start_time = time.time()
     log_stats = {}
     for epoch in range(args.start_epoch, args.epochs):
+        utils.seed_everything(args.seed, utils.get_rank(), epoch)
         if args.distributed:
             sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,

@@ -1,0 +1,136 @@
+"""COCO detection dataset: images and annotations in the COCO layout turned into DETR targets.
+
+Layout under --coco_path: train2017/, val2017/ and annotations/instances_{train,val}2017.json.
+Labels are the raw category ids (COCO's run 1..90 with holes), so the model needs
+num_classes = max category id + 1.
+"""
+import contextlib
+import io
+from pathlib import Path
+
+import torch
+import torchvision
+
+import datasets.transforms as T
+from util.errors import UserInputError
+
+LAYOUT = "train2017/, val2017/ and annotations/instances_{train,val}2017.json"
+REQUIRED_KEYS = ("images", "annotations", "categories")
+
+
+class CocoDetection(torchvision.datasets.CocoDetection):
+    """Returns (image, target) with target keys boxes (absolute xyxy), labels, image_id, area,
+    iscrowd, orig_size and size ((h, w) of the image before / after the transforms)."""
+
+    def __init__(self, img_folder, ann_file, transforms):
+        self.ann_file = Path(ann_file)
+        try:
+            # pycocotools prints progress and raises half-way through a broken file; the
+            # user gets one line from us instead.
+            with contextlib.redirect_stdout(io.StringIO()):
+                super().__init__(img_folder, str(ann_file))
+        except (ValueError, AssertionError, KeyError, TypeError) as err:
+            raise UserInputError(
+                f"annotation file {ann_file} is not a valid COCO JSON file "
+                f"({type(err).__name__}: {err}); expected a JSON object with keys "
+                f"{', '.join(REQUIRED_KEYS)}") from None
+        missing = [k for k in REQUIRED_KEYS if k not in self.coco.dataset]
+        if missing:
+            raise UserInputError(
+                f"annotation file {ann_file} lacks the key(s) {', '.join(missing)}; a COCO "
+                f"detection file needs {', '.join(REQUIRED_KEYS)}")
+        self._transforms = transforms
+        self.prepare = ConvertCocoAnnotations()
+
+    def _load_image(self, id):
+        path = Path(self.root) / self.coco.loadImgs(id)[0]["file_name"]
+        if not path.is_file():
+            raise UserInputError(f"image file {path} (image id {id}, listed in {self.ann_file}) "
+                                 f"does not exist")
+        return super()._load_image(id)
+
+    def __getitem__(self, idx):
+        img, annotations = super().__getitem__(idx)
+        img, target = self.prepare(img, {"image_id": self.ids[idx], "annotations": annotations})
+        if self._transforms is not None:
+            img, target = self._transforms(img, target)
+        return img, target
+
+
+class ConvertCocoAnnotations:
+    """COCO annotation dicts -> tensors: crowd regions are dropped, xywh boxes become xyxy
+    clipped to the image, and boxes with no width or height are dropped."""
+
+    def __call__(self, image, target):
+        w, h = image.size
+        annotations = [a for a in target["annotations"] if a.get("iscrowd", 0) == 0]
+
+        boxes = torch.as_tensor([a["bbox"] for a in annotations], dtype=torch.float32)
+        boxes = boxes.reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2].clamp_(min=0, max=w)
+        boxes[:, 1::2].clamp_(min=0, max=h)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+        size = torch.tensor([h, w])
+        return image, {
+            "boxes": boxes[keep],
+            "labels": torch.tensor([a["category_id"] for a in annotations],
+                                   dtype=torch.int64)[keep],
+            "image_id": torch.tensor([target["image_id"]]),
+            "area": torch.tensor([a["area"] for a in annotations], dtype=torch.float32)[keep],
+            "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64),
+            "orig_size": size,
+            "size": size.clone(),
+        }
+
+
+def make_coco_transforms(image_set, input_scale=1.0):
+    """DETR's pipelines with every size (scales, crop bounds, max_size) times input_scale."""
+
+    def scaled(size):
+        return max(1, int(round(size * input_scale)))
+
+    normalize = T.Compose([
+        T.ToTensor(),
+        T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    scales = [scaled(s) for s in range(480, 801, 32)]
+    max_size = scaled(1333)
+
+    if image_set == "train":
+        return T.Compose([
+            T.RandomHorizontalFlip(),
+            T.RandomSelect(
+                T.RandomResize(scales, max_size=max_size),
+                T.Compose([
+                    T.RandomResize([scaled(s) for s in (400, 500, 600)]),
+                    T.RandomSizeCrop(scaled(384), scaled(600)),
+                    T.RandomResize(scales, max_size=max_size),
+                ]),
+            ),
+            normalize,
+        ])
+    if image_set == "val":
+        return T.Compose([T.RandomResize([scaled(800)], max_size=max_size), normalize])
+    raise UserInputError(f"unknown image set {image_set!r}; expected 'train' or 'val'")
+
+
+def build(image_set, args):
+    if args.coco_path is None:
+        raise UserInputError(f"--coco_path is not set; point it at a folder holding {LAYOUT}")
+    root = Path(args.coco_path)
+    if not root.is_dir():
+        raise UserInputError(f"--coco_path {root} is not a folder; expected one holding {LAYOUT}")
+    img_folder = root / f"{image_set}2017"
+    ann_file = root / "annotations" / f"instances_{image_set}2017.json"
+    if not img_folder.is_dir():
+        raise UserInputError(f"image folder {img_folder} does not exist; --coco_path must hold "
+                             f"{LAYOUT}")
+    if not ann_file.is_file():
+        raise UserInputError(f"annotation file {ann_file} does not exist; --coco_path must hold "
+                             f"{LAYOUT}")
+    # --no_train_augmentation trains on the deterministic val pipeline.
+    pipeline = image_set if getattr(args, "train_augmentation", True) else "val"
+    transforms = make_coco_transforms(pipeline, args.input_scale)
+    return CocoDetection(img_folder, ann_file, transforms=transforms)

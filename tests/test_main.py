@@ -1,0 +1,190 @@
+"""main.py end to end on the synthetic dataset: train -> checkpoint -> resume -> evaluate,
+fine-tuning from a checkpoint, bad input, and 2-process gloo training against 1 process."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main as detr_main
+from conftest import REPO, TINY_DETR_FLAGS
+from util.checkpoint import load_checkpoint
+
+
+def parse(flags):
+    parser = argparse.ArgumentParser(parents=[detr_main.get_args_parser()])
+    return parser.parse_args(flags)
+
+
+def run(flags):
+    args = parse(flags)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return detr_main.main(args)
+
+
+def data_flags(synthetic_coco):
+    path, num_classes = synthetic_coco
+    return TINY_DETR_FLAGS + ["--coco_path", path, "--num_classes", str(num_classes), "--batch_size", "2"]
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_parser_keeps_upstream_defaults():
+    args = parse([])
+    upstream = dict(lr=1e-4, lr_backbone=1e-5, batch_size=2, weight_decay=1e-4, epochs=300, lr_drop=200,
+                    clip_max_norm=0.1, backbone="resnet50", dilation=False, position_embedding="sine",
+                    enc_layers=6, dec_layers=6, dim_feedforward=2048, hidden_dim=256, dropout=0.1, nheads=8,
+                    num_queries=100, pre_norm=False, masks=False, aux_loss=True, set_cost_class=1,
+                    set_cost_bbox=5, set_cost_giou=2, mask_loss_coef=1, dice_loss_coef=1, bbox_loss_coef=5,
+                    giou_loss_coef=2, eos_coef=0.1, dataset_file="coco", coco_path=None, output_dir="",
+                    device="cuda", seed=42, resume="", start_epoch=0, eval=False, num_workers=2,
+                    world_size=1, dist_url="env://", frozen_weights=None, remove_difficult=False)
+    for name, value in upstream.items():
+        assert getattr(args, name) == value, name
+    assert detr_main.get_args_parser().add_help is False
+
+
+def test_train_checkpoint_resume_eval(synthetic_coco, tmp_path):
+    flags = data_flags(synthetic_coco) + ["--lr_drop", "2"]
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+
+    run(flags + ["--output_dir", straight, "--epochs", "3"])
+    log = read_log(straight)
+    assert [row["epoch"] for row in log] == [0, 1, 2]
+    for row in log:
+        assert len(row["test_coco_eval_bbox"]) == 12 and row["n_parameters"] > 0
+        assert all(key in row for key in ("train_loss", "train_loss_ce", "train_loss_bbox_unscaled",
+                                          "train_class_error", "test_loss", "train_lr"))
+    # checkpoint.pth every epoch; checkpoint0001.pth before the lr drop at epoch 2
+    assert sorted(os.listdir(straight)) == ["checkpoint.pth", "checkpoint0001.pth", "eval", "log.txt"]
+    ckpt = load_checkpoint(os.path.join(straight, "checkpoint.pth"))
+    assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "epoch", "args"} and ckpt["epoch"] == 2
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)  # dropped once
+
+    # Interrupted after 2 epochs, then resumed: the same weights as the uninterrupted run.
+    run(flags + ["--output_dir", interrupted, "--epochs", "2"])
+    run(flags + ["--output_dir", interrupted, "--epochs", "3",
+                 "--resume", os.path.join(interrupted, "checkpoint.pth")])
+    assert [row["epoch"] for row in read_log(interrupted)] == [0, 1, 2]
+    resumed = load_checkpoint(os.path.join(interrupted, "checkpoint.pth"))
+    for key, value in ckpt["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+    # --eval of the final checkpoint reproduces the last logged evaluation.
+    eval_dir = str(tmp_path / "eval")
+    stats = run(flags + ["--output_dir", eval_dir, "--eval", "--resume", os.path.join(straight, "checkpoint.pth")])
+    assert stats["coco_eval_bbox"] == pytest.approx(log[-1]["test_coco_eval_bbox"], abs=1e-9)
+    saved = torch.load(os.path.join(eval_dir, "eval.pth"), weights_only=True)
+    assert saved["precision"].shape[0] == 10  # ten IoU thresholds
+
+
+def test_finetune_loads_weights_only(synthetic_coco, tmp_path):
+    flags = data_flags(synthetic_coco)
+    source = str(tmp_path / "source")
+    run(flags + ["--output_dir", source, "--epochs", "1"])
+    ckpt = os.path.join(source, "checkpoint.pth")
+
+    target = str(tmp_path / "target")
+    run(flags + ["--output_dir", target, "--epochs", "1", "--finetune", ckpt, "--lr", "0", "--lr_backbone", "0"])
+    # Weights came from the source (lr 0 keeps them), but training restarted at epoch 0.
+    assert read_log(target)[0]["epoch"] == 0
+    before = load_checkpoint(ckpt)["model"]
+    after = load_checkpoint(os.path.join(target, "checkpoint.pth"))["model"]
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+    # Another number of classes: refused with a hint, accepted with --finetune_drop_class_head.
+    other = flags[:flags.index("--num_classes")] + ["--num_classes", "30"] + flags[flags.index("--num_classes") + 2:]
+    with pytest.raises(detr_main.UserInputError, match="finetune_drop_class_head"):
+        run(other + ["--epochs", "1", "--finetune", ckpt])
+    run(other + ["--output_dir", str(tmp_path / "new_head"), "--epochs", "1", "--finetune", ckpt,
+                 "--finetune_drop_class_head"])
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        detr_main.run_cli(argv)
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+@pytest.mark.parametrize("case", ["no_coco_dir", "no_annotations", "missing_ckpt", "ckpt_misfit", "cuda"])
+def test_bad_input_is_one_clear_line(case, synthetic_coco, tmp_path, capsys):
+    flags = data_flags(synthetic_coco) + ["--epochs", "1"]
+    coco = synthetic_coco[0]
+    if case == "no_coco_dir":
+        flags += ["--coco_path", str(tmp_path / "nowhere")]
+        expected = "nowhere"
+    elif case == "no_annotations":
+        broken = tmp_path / "coco"
+        (broken / "train2017").mkdir(parents=True)
+        (broken / "val2017").mkdir()
+        flags += ["--coco_path", str(broken)]
+        expected = "instances_train2017.json"
+    elif case == "missing_ckpt":
+        flags += ["--finetune", str(tmp_path / "absent.pth")]
+        expected = "absent.pth"
+    elif case == "ckpt_misfit":
+        wrong = str(tmp_path / "wrong")
+        run(flags + ["--output_dir", wrong, "--hidden_dim", "16"])
+        flags += ["--resume", os.path.join(wrong, "checkpoint.pth")]
+        expected = "shape mismatch"
+    else:
+        flags += ["--device", "cuda"]
+        expected = "CUDA is not available"
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    code, err = run_cli(flags, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and expected in err and "\n" not in err, err
+    assert os.path.isdir(coco)
+
+
+def test_cli_error_exits_without_traceback(tmp_path):
+    """The real command line: a missing checkpoint gives one line on stderr and exit status 2."""
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--device", "cpu", "--eval", "--resume", str(tmp_path / "none.pth"),
+         "--coco_path", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    """torchrun with 2 CPU processes x 2 images logs the same losses as 1 process x 4 images.
+
+    Four training images, so each epoch is one global batch holding all of them in both runs;
+    dropout and augmentation are off so both runs see identical inputs. The val set is split
+    across ranks and merged for COCO evaluation."""
+    from datasets.synthetic import make_synthetic_coco
+    info = make_synthetic_coco(str(tmp_path / "data"), num_train=4, num_val=4, image_size=96, seed=1)
+    flags = data_flags((str(tmp_path / "data"), info["num_classes"])) + ["--dropout", "0", "--no_train_augmentation", "--epochs", "2",
+                                          "--clip_max_norm", "0"]
+    single, double = str(tmp_path / "single"), str(tmp_path / "double")
+    run(flags + ["--output_dir", single, "--batch_size", "4"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "main.py", *flags, "--output_dir", double, "--batch_size", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_log(single), read_log(double)
+    assert len(one) == len(two) == 2
+    # Before any update the box losses, normalised by the global box count, are those of the
+    # whole batch. loss_ce is a weighted mean per process (as upstream), so it differs slightly
+    # across splits, and so do the gradients and everything after the first step.
+    for key in ("train_loss_bbox", "train_loss_giou", "train_loss_bbox_0", "train_loss_giou_0"):
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-5), key
+    assert two[0]["train_loss"] == pytest.approx(one[0]["train_loss"], rel=1e-2)
+    for a, b in zip(one, two):
+        for key in ("test_loss", "test_loss_bbox", "test_loss_giou"):
+            assert b[key] == pytest.approx(a[key], rel=1e-2), key
+        assert b["test_coco_eval_bbox"] == pytest.approx(a["test_coco_eval_bbox"], abs=2e-2)
