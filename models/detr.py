@@ -1,0 +1,258 @@
+"""DETR: the detector, its set-prediction criterion and its post-processor."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from util import box_ops
+from util.errors import UserInputError
+from util.misc import (NestedTensor, accuracy, get_world_size, is_dist_avail_and_initialized,
+                       nested_tensor_from_tensor_list)
+
+from .backbone import build_backbone
+from .dap_criterion import DAPCriterionMixin, dap_weight_dict
+from .dap_matcher import build_dap_matcher
+from .matcher import build_matcher
+from .transformer import build_transformer
+
+
+class DETR(nn.Module):
+    """Backbone + transformer + a class head and a box head on every decoder output."""
+
+    def __init__(self, backbone, transformer, num_classes, num_queries, aux_loss=False):
+        """num_classes is the largest class id + 1; one more logit means "no object"."""
+        super().__init__()
+        self.num_queries = num_queries
+        self.transformer = transformer
+        hidden_dim = transformer.d_model
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.backbone = backbone
+        self.aux_loss = aux_loss
+
+    def forward(self, samples):
+        """samples: NestedTensor, or a list of [3,H,W] images / a [B,3,H,W] tensor.
+
+        Returns 'pred_logits' [B,Q,num_classes+1], 'pred_boxes' [B,Q,4] (cxcywh in [0,1],
+        relative to each un-padded image) and, with aux_loss, 'aux_outputs': the same pair
+        for every decoder layer but the last.
+        """
+        if not isinstance(samples, NestedTensor):
+            samples = nested_tensor_from_tensor_list(samples)
+        features, pos = self.backbone(samples)
+        src, mask = features[-1].decompose()
+        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]
+
+        outputs_class = self.class_embed(hs)
+        outputs_coord = self.bbox_embed(hs).sigmoid()
+        out = {'pred_logits': outputs_class[-1], 'pred_boxes': outputs_coord[-1]}
+        if self.aux_loss:
+            out['aux_outputs'] = [{'pred_logits': a, 'pred_boxes': b}
+                                  for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+        return out
+
+
+class SetCriterion(nn.Module):
+    """DETR's loss: match predictions to targets, then score the matched pairs.
+
+    The same losses are computed for the final output and, separately matched, for every
+    auxiliary decoder output (keys get the suffix `_i`).
+    """
+
+    # Extra arguments of a loss on auxiliary layers: class_error is logged for the final layer only.
+    aux_layer_kwargs = {'labels': {'log': False}}
+
+    def __init__(self, num_classes, matcher, weight_dict, eos_coef, losses):
+        """losses: names among 'labels', 'boxes', 'cardinality'."""
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.eos_coef = eos_coef
+        self.losses = losses
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer('empty_weight', empty_weight)
+
+    def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
+        """Weighted cross-entropy over all queries; unmatched ones target the "no object" class."""
+        src_logits = outputs['pred_logits']
+        idx = self._get_src_permutation_idx(indices)
+        target_classes_o = torch.cat([t['labels'][j] for t, (_, j) in zip(targets, indices)])
+        target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64,
+                                    device=src_logits.device)
+        target_classes[idx] = target_classes_o
+
+        losses = {'loss_ce': F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)}
+        if log:
+            losses['class_error'] = 100 - accuracy(src_logits[idx], target_classes_o)[0]
+        return losses
+
+    @torch.no_grad()
+    def loss_cardinality(self, outputs, targets, indices, num_boxes):
+        """Mean absolute error of the number of predicted objects; for logging only."""
+        pred_logits = outputs['pred_logits']
+        tgt_lengths = torch.as_tensor([len(t['labels']) for t in targets], device=pred_logits.device)
+        card_pred = (pred_logits.argmax(-1) != pred_logits.shape[-1] - 1).sum(1)
+        return {'cardinality_error': F.l1_loss(card_pred.float(), tgt_lengths.float())}
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes):
+        """L1 and generalized-IoU losses of the matched boxes, normalised by num_boxes."""
+        idx = self._get_src_permutation_idx(indices)
+        src_boxes = outputs['pred_boxes'][idx]
+        target_boxes = torch.cat([t['boxes'][j] for t, (_, j) in zip(targets, indices)], dim=0)
+
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction='none')
+        loss_giou = 1 - torch.diag(box_ops.generalized_box_iou(
+            box_ops.box_cxcywh_to_xyxy(src_boxes), box_ops.box_cxcywh_to_xyxy(target_boxes)))
+        return {'loss_bbox': loss_bbox.sum() / num_boxes, 'loss_giou': loss_giou.sum() / num_boxes}
+
+    @staticmethod
+    def _get_src_permutation_idx(indices):
+        """(batch index, query index) of every matched prediction, for advanced indexing."""
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for src, _ in indices])
+        return batch_idx, src_idx
+
+    @staticmethod
+    def _get_tgt_permutation_idx(indices):
+        """(batch index, target index) of every matched target, in the same order."""
+        batch_idx = torch.cat([torch.full_like(tgt, i) for i, (_, tgt) in enumerate(indices)])
+        tgt_idx = torch.cat([tgt for _, tgt in indices])
+        return batch_idx, tgt_idx
+
+    @staticmethod
+    def _num_boxes(targets, device):
+        """Target boxes per process, averaged over all processes, at least 1.
+
+        Every rank divides by the same number, so the gradients DDP averages are those of the
+        global batch.
+        """
+        num_boxes = torch.as_tensor([float(sum(len(t['labels']) for t in targets))], device=device)
+        if is_dist_avail_and_initialized():
+            torch.distributed.all_reduce(num_boxes)
+        return torch.clamp(num_boxes / get_world_size(), min=1).item()
+
+    @staticmethod
+    def _layer_outputs(outputs):
+        """(key suffix, outputs) of the final layer ('') and of each auxiliary layer ('_i')."""
+        yield '', {k: v for k, v in outputs.items() if k != 'aux_outputs'}
+        for i, aux_outputs in enumerate(outputs.get('aux_outputs', [])):
+            yield f'_{i}', aux_outputs
+
+    def loss_map(self):
+        return {'labels': self.loss_labels, 'cardinality': self.loss_cardinality, 'boxes': self.loss_boxes}
+
+    def get_loss(self, loss, outputs, targets, indices, num_boxes, **kwargs):
+        loss_map = self.loss_map()
+        if loss not in loss_map:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(loss_map)}")
+        return loss_map[loss](outputs, targets, indices, num_boxes, **kwargs)
+
+    def forward(self, outputs, targets):
+        """outputs: the model's output dict; targets: list of dicts with 'labels' [T_i] and
+        'boxes' [T_i,4] (normalised cxcywh). Returns a dict of scalar losses and log values.
+        """
+        num_boxes = self._num_boxes(targets, outputs['pred_logits'].device)
+        losses = {}
+        for suffix, layer_outputs in self._layer_outputs(outputs):
+            indices = self.matcher(layer_outputs, targets)
+            for loss in self.losses:
+                kwargs = self.aux_layer_kwargs.get(loss, {}) if suffix else {}
+                layer_losses = self.get_loss(loss, layer_outputs, targets, indices, num_boxes, **kwargs)
+                losses.update({k + suffix: v for k, v in layer_losses.items()})
+        return losses
+
+
+class DAPSetCriterion(DAPCriterionMixin, SetCriterion):
+    """SetCriterion with the 'dap' loss available (--loss dap or raw+dap)."""
+    aux_layer_kwargs = {**SetCriterion.aux_layer_kwargs, 'dap': {'final_layer': False}}
+
+    def loss_map(self):
+        return {**super().loss_map(), 'dap': self.loss_dap}
+
+
+class PostProcess(nn.Module):
+    """Turns the model output into COCO-style detections: one per query, in absolute pixels."""
+
+    @torch.no_grad()
+    def forward(self, outputs, target_sizes):
+        """target_sizes: [B,2] (height, width) of each original image.
+
+        Returns a list of B dicts: 'scores' [Q], 'labels' [Q] (class ids), 'boxes' [Q,4]
+        (absolute xyxy).
+        """
+        out_logits, out_bbox = outputs['pred_logits'], outputs['pred_boxes']
+        if len(out_logits) != len(target_sizes) or target_sizes.shape[1] != 2:
+            raise ValueError("PostProcess: target_sizes must be [batch_size, 2] (height, width)")
+
+        prob = F.softmax(out_logits, -1)
+        scores, labels = prob[..., :-1].max(-1)
+        boxes = box_ops.box_cxcywh_to_xyxy(out_bbox)
+        img_h, img_w = target_sizes.unbind(1)
+        scale_fct = torch.stack([img_w, img_h, img_w, img_h], dim=1)
+        boxes = boxes * scale_fct[:, None, :]
+        return [{'scores': s, 'labels': c, 'boxes': b} for s, c, b in zip(scores, labels, boxes)]
+
+
+class MLP(nn.Module):
+    """A stack of Linear layers with ReLU between them (none after the last)."""
+
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        super().__init__()
+        hidden = [hidden_dim] * (num_layers - 1)
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim] + hidden, hidden + [output_dim]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < self.num_layers - 1:
+                x = F.relu(x)
+        return x
+
+
+def default_num_classes(args):
+    """Largest class id + 1: --num_classes if given, else upstream's value for the dataset."""
+    if getattr(args, 'num_classes', None) is not None:
+        return args.num_classes
+    return {'coco': 91, 'coco_panoptic': 250}.get(args.dataset_file, 20)
+
+
+def with_aux_weights(weight_dict, num_aux_layers):
+    """weight_dict plus a copy of every entry for each auxiliary layer i (key suffix `_i`)."""
+    out = dict(weight_dict)
+    for i in range(num_aux_layers):
+        out.update({f'{k}_{i}': v for k, v in weight_dict.items()})
+    return out
+
+
+def build(args):
+    if getattr(args, 'masks', False):
+        raise UserInputError("--masks (segmentation) is not supported by dap-detr; drop the flag")
+    num_classes = default_num_classes(args)
+
+    backbone = build_backbone(args)
+    transformer = build_transformer(args)
+    model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
+                 aux_loss=args.aux_loss)
+
+    num_aux_layers = args.dec_layers - 1 if args.aux_loss else 0
+    raw_weights = with_aux_weights(
+        {'loss_ce': 1, 'loss_bbox': args.bbox_loss_coef, 'loss_giou': args.giou_loss_coef}, num_aux_layers)
+    matcher = (build_dap_matcher(args, activation='softmax') if args.matcher == 'dap'
+               else build_matcher(args))
+    if args.loss == 'raw':
+        criterion = SetCriterion(num_classes, matcher, raw_weights, args.eos_coef,
+                                 losses=['labels', 'boxes', 'cardinality'])
+    else:
+        dap_weights = dap_weight_dict(args.dap_loss_coef, num_aux_layers)
+        with_raw = args.loss == 'raw+dap'
+        criterion = DAPSetCriterion(
+            num_classes, matcher, {**(raw_weights if with_raw else {}), **dap_weights}, args.eos_coef,
+            losses=(['labels', 'boxes'] if with_raw else []) + ['dap', 'cardinality'])
+        criterion.init_dap(activation='softmax', num_bins=args.dap_bins, sigma=args.dap_sigma,
+                           num_gt=args.dap_num_gt, neg_topk=args.dap_neg_topk)
+    criterion.to(torch.device(args.device))
+    return model, criterion, {'bbox': PostProcess()}

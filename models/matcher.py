@@ -1,0 +1,64 @@
+"""One-to-one assignment of predictions to ground-truth boxes (Hungarian algorithm)."""
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+
+def assign_each(costs):
+    """Solve one linear assignment per image; costs: list of [Q, T_i] cost matrices.
+
+    Returns a list (one per image) of (query indices, target indices), int64 tensors of
+    length min(Q, T_i).
+    """
+    indices = [linear_sum_assignment(c.detach().cpu()) for c in costs]
+    return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+
+
+def assign_per_image(cost, sizes):
+    """cost: [B, Q, sum(sizes)], every query against every target of the batch; sizes: the
+    number of targets of each image. Image i is assigned among its own targets only."""
+    cost = cost.detach().cpu()  # one device-to-host copy for the whole batch
+    return assign_each([c[i] for i, c in enumerate(cost.split(sizes, -1))])
+
+
+class HungarianMatcher(nn.Module):
+    """Matches each ground-truth box to one query by minimising
+    cost_class * (-p(class)) + cost_bbox * L1(boxes) + cost_giou * (-GIoU(boxes)).
+
+    Queries left over (there are more queries than targets) are "no object".
+    """
+
+    def __init__(self, cost_class: float = 1, cost_bbox: float = 1, cost_giou: float = 1):
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("HungarianMatcher: all costs are 0")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+
+    @torch.no_grad()
+    def forward(self, outputs, targets):
+        """outputs: 'pred_logits' [B,Q,C+1], 'pred_boxes' [B,Q,4] (normalised cxcywh);
+        targets: list of B dicts with 'labels' [T_i] and 'boxes' [T_i,4] (normalised cxcywh).
+        """
+        bs, num_queries = outputs["pred_logits"].shape[:2]
+        # Batch everything and split per image only for the assignment itself.
+        out_prob = outputs["pred_logits"].flatten(0, 1).softmax(-1)
+        out_bbox = outputs["pred_boxes"].flatten(0, 1)
+        tgt_ids = torch.cat([t["labels"] for t in targets])
+        tgt_bbox = torch.cat([t["boxes"] for t in targets])
+
+        # 1 - p(class) would do; the constant does not change the assignment.
+        cost_class = -out_prob[:, tgt_ids]
+        cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
+
+        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        return assign_per_image(cost.view(bs, num_queries, -1), [len(t["boxes"]) for t in targets])
+
+
+def build_matcher(args):
+    return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
+                            cost_giou=args.set_cost_giou)
