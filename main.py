@@ -17,20 +17,31 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset
 from engine import evaluate, train_one_epoch
-from models import build_model
+from models import MODEL_DEFAULTS, build_model
 from util.checkpoint import fit_state_dict, load_checkpoint, model_state_from_checkpoint
 from util.errors import UserInputError
 
 
 def get_args_parser():
+    """The command line of every script. Defaults are DETR's; with --model X, the flags listed in
+    models.MODEL_DEFAULTS[X] take that detector's upstream default (see parse_args)."""
     parser = argparse.ArgumentParser("Set transformer detector", add_help=False)
-    parser.add_argument("--lr", default=1e-4, type=float)
+    parser.add_argument("--model", default="detr", choices=sorted(MODEL_DEFAULTS),
+                        help="detector family; changes the defaults of the flags marked [model]")
+    parser.add_argument("--lr", default=1e-4, type=float, help="[model]")
     parser.add_argument("--lr_backbone", default=1e-5, type=float,
-                        help="backbone learning rate; 0 freezes the backbone")
+                        help="[model] backbone learning rate; 0 freezes the backbone")
+    parser.add_argument("--lr_backbone_names", default=["backbone.0"], type=str, nargs="+",
+                        help="parameters whose name contains one of these get --lr_backbone")
+    parser.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str,
+                        nargs="+", help="Deformable DETR: parameters at lr * --lr_linear_proj_mult")
+    parser.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
     parser.add_argument("--batch_size", default=2, type=int, help="images per process (per GPU)")
     parser.add_argument("--weight_decay", default=1e-4, type=float)
-    parser.add_argument("--epochs", default=300, type=int)
-    parser.add_argument("--lr_drop", default=200, type=int, help="StepLR step (epochs), gamma 0.1")
+    parser.add_argument("--epochs", default=300, type=int, help="[model]")
+    parser.add_argument("--lr_drop", default=200, type=int, help="[model] StepLR step (epochs), gamma 0.1")
+    parser.add_argument("--lr_drop_epochs", default=None, type=int, nargs="+", help="unused (upstream flag)")
+    parser.add_argument("--sgd", action="store_true", help="Deformable DETR: SGD (momentum 0.9) instead of AdamW")
     parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm; 0 disables")
 
     # Model parameters
@@ -42,17 +53,24 @@ def get_args_parser():
                         help="replace the stride of the last block by a dilation (DC5)")
     parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned", "v2", "v3"),
                         help="positional embedding on the image features")
+    parser.add_argument("--position_embedding_scale", default=2 * 3.141592653589793, type=float,
+                        help="unused (upstream Deformable DETR flag)")
+    parser.add_argument("--num_feature_levels", default=4, type=int, help="Deformable DETR: feature levels")
     parser.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",
                         help="do not fetch ImageNet backbone weights (implied by --finetune/--resume)")
     # * Transformer
     parser.add_argument("--enc_layers", default=6, type=int)
     parser.add_argument("--dec_layers", default=6, type=int)
-    parser.add_argument("--dim_feedforward", default=2048, type=int)
+    parser.add_argument("--dim_feedforward", default=2048, type=int, help="[model]")
     parser.add_argument("--hidden_dim", default=256, type=int, help="embedding size of the transformer")
     parser.add_argument("--dropout", default=0.1, type=float)
     parser.add_argument("--nheads", default=8, type=int)
-    parser.add_argument("--num_queries", default=100, type=int)
+    parser.add_argument("--num_queries", default=100, type=int, help="[model]")
     parser.add_argument("--pre_norm", action="store_true")
+    parser.add_argument("--dec_n_points", default=4, type=int, help="Deformable DETR: sampling points per decoder head")
+    parser.add_argument("--enc_n_points", default=4, type=int, help="Deformable DETR: sampling points per encoder head")
+    parser.add_argument("--with_box_refine", action="store_true", help="Deformable DETR: iterative box refinement")
+    parser.add_argument("--two_stage", action="store_true", help="Deformable DETR: two-stage proposals")
     parser.add_argument("--num_classes", default=None, type=int,
                         help="max category id + 1 (default: 91 for COCO)")
     # * Segmentation (upstream flag; not supported here)
@@ -62,15 +80,17 @@ def get_args_parser():
     parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
                         help="disable the losses on intermediate decoder layers")
     # * Matcher
-    parser.add_argument("--set_cost_class", default=1, type=float, help="class weight in the matching cost")
+    parser.add_argument("--set_cost_class", default=1, type=float, help="[model] class weight in the matching cost")
     parser.add_argument("--set_cost_bbox", default=5, type=float, help="L1 box weight in the matching cost")
     parser.add_argument("--set_cost_giou", default=2, type=float, help="GIoU weight in the matching cost")
     # * Loss coefficients
     parser.add_argument("--mask_loss_coef", default=1, type=float)
     parser.add_argument("--dice_loss_coef", default=1, type=float)
+    parser.add_argument("--cls_loss_coef", default=1, type=float, help="[model] weight of loss_ce")
     parser.add_argument("--bbox_loss_coef", default=5, type=float)
     parser.add_argument("--giou_loss_coef", default=2, type=float)
     parser.add_argument("--eos_coef", default=0.1, type=float, help="relative weight of the no-object class")
+    parser.add_argument("--focal_alpha", default=0.25, type=float, help="Deformable DETR: focal loss alpha")
     # * DAP-loss (../docs: README "DAP-loss")
     parser.add_argument("--loss", default="raw", choices=("raw", "dap", "raw+dap"),
                         help="upstream losses, DAP-loss only, or both summed")
@@ -92,6 +112,7 @@ def get_args_parser():
     parser.add_argument("--coco_path", type=str, help="folder with train2017/ val2017/ annotations/")
     parser.add_argument("--coco_panoptic_path", type=str)
     parser.add_argument("--remove_difficult", action="store_true")
+    parser.add_argument("--cache_mode", action="store_true", help="unused (upstream Deformable DETR flag)")
     parser.add_argument("--input_scale", default=1.0, type=float,
                         help="multiply every image size of the transforms (0.25 makes CPU runs practical)")
     parser.add_argument("--no_train_augmentation", dest="train_augmentation", action="store_false",
@@ -105,6 +126,8 @@ def get_args_parser():
                         help="load model weights only (not optimizer, scheduler or epoch), e.g. a released checkpoint")
     parser.add_argument("--finetune_drop_class_head", action="store_true",
                         help="with --finetune: re-initialise the class head (another --num_classes)")
+    parser.add_argument("--checkpoint_period", default=100, type=int,
+                        help="[model] keep checkpointNNNN.pth every this many epochs (and before each lr drop)")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
     parser.add_argument("--eval", action="store_true", help="only evaluate")
     parser.add_argument("--num_workers", default=2, type=int)
@@ -132,13 +155,32 @@ def check_args(args):
 
 
 def build_optimizer(model_without_ddp, args):
-    """AdamW with upstream's two groups: backbone at lr_backbone, everything else at lr."""
+    """AdamW (or SGD) and StepLR with the upstream parameter groups of each detector.
+
+    DETR: parameters named '*backbone*' at lr_backbone (a learned position embedding,
+    backbone.1, included), the rest at lr. Deformable DETR: a third group, the sampling
+    offsets and reference points, at lr * lr_linear_proj_mult.
+    """
     params = [(n, p) for n, p in model_without_ddp.named_parameters() if p.requires_grad]
-    param_dicts = [
-        {"params": [p for n, p in params if "backbone" not in n]},
-        {"params": [p for n, p in params if "backbone" in n], "lr": args.lr_backbone},
-    ]
-    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
+    if args.model == "detr":
+        param_dicts = [
+            {"params": [p for n, p in params if "backbone" not in n]},
+            {"params": [p for n, p in params if "backbone" in n], "lr": args.lr_backbone},
+        ]
+    else:
+        def matches(name, keywords):
+            return any(k in name for k in keywords)
+        param_dicts = [
+            {"params": [p for n, p in params if not matches(n, args.lr_backbone_names)
+                        and not matches(n, args.lr_linear_proj_names)]},
+            {"params": [p for n, p in params if matches(n, args.lr_backbone_names)], "lr": args.lr_backbone},
+            {"params": [p for n, p in params if matches(n, args.lr_linear_proj_names)],
+             "lr": args.lr * args.lr_linear_proj_mult},
+        ]
+    if args.sgd:
+        optimizer = torch.optim.SGD(param_dicts, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     return optimizer, lr_scheduler
 
@@ -161,14 +203,24 @@ def build_loaders(dataset_train, dataset_val, args):
     return sampler_train, data_loader_train, data_loader_val
 
 
-def save_checkpoint(path, model_without_ddp, optimizer, lr_scheduler, epoch, args):
-    """Write atomically (temp file + rename) so a job killed mid-write leaves the last good file."""
+def save_checkpoint(path, model_without_ddp, criterion, optimizer, lr_scheduler, epoch, args):
+    """Write atomically (temp file + rename) so a job killed mid-write leaves the last good file.
+    'matcher' holds the matcher's state (the DAP momentum precision table; empty otherwise)."""
     if not utils.is_main_process():
         return
     tmp = path.with_suffix(".pth.tmp")
     torch.save({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args}, tmp)
+                "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
+                "matcher": criterion.matcher.state_dict()}, tmp)
     tmp.replace(path)
+
+
+def restore_matcher(matcher, checkpoint, source):
+    state = checkpoint.get("matcher", {})
+    if set(state) == set(matcher.state_dict()):
+        matcher.load_state_dict(state)
+    else:
+        print(f"Note: {source} holds no state for this matcher ({type(matcher).__name__}); it starts afresh")
 
 
 def save_coco_eval(coco_evaluator, path):
@@ -217,6 +269,7 @@ def main(args):
         checkpoint = load_checkpoint(args.resume)
         fit_state_dict(model_without_ddp, model_state_from_checkpoint(checkpoint, args.resume), source=args.resume)
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+            restore_matcher(criterion.matcher, checkpoint, args.resume)
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             args.start_epoch = checkpoint["epoch"] + 1
@@ -243,11 +296,12 @@ def main(args):
                                       args.clip_max_norm, print_freq=args.print_freq)
         lr_scheduler.step()
         if output_dir:
-            save_checkpoint(output_dir / "checkpoint.pth", model_without_ddp, optimizer, lr_scheduler, epoch, args)
-            # Extra copies before each learning-rate drop and every 100 epochs, as upstream.
-            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
-                save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", model_without_ddp, optimizer,
-                                lr_scheduler, epoch, args)
+            save_checkpoint(output_dir / "checkpoint.pth", model_without_ddp, criterion, optimizer, lr_scheduler,
+                            epoch, args)
+            # Extra copies before each learning-rate drop and every checkpoint_period epochs, as upstream.
+            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.checkpoint_period == 0:
+                save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", model_without_ddp, criterion,
+                                optimizer, lr_scheduler, epoch, args)
 
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds,
                                               device, print_freq=args.print_freq)
@@ -267,9 +321,17 @@ def main(args):
     return log_stats
 
 
+def parse_args(parser, argv=None):
+    """Parse with the per-detector defaults: --model is read first, then the flags marked
+    [model] default to that detector's upstream values (models.MODEL_DEFAULTS)."""
+    known, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**MODEL_DEFAULTS[known.model])
+    return parser.parse_args(argv)
+
+
 def run_cli(argv=None):
     parser = argparse.ArgumentParser("DETR training and evaluation script", parents=[get_args_parser()])
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     try:

@@ -84,7 +84,11 @@ class SetCriterion(nn.Module):
                                     device=src_logits.device)
         target_classes[idx] = target_classes_o
 
-        losses = {'loss_ce': F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)}
+        # Upstream's weighted mean, sum(w_i * ce_i) / sum(w_i), with the denominator summed over
+        # processes (like num_boxes): identical on one process, and the loss of the global batch
+        # under data parallelism instead of a mean of per-process means.
+        ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight, reduction='sum')
+        losses = {'loss_ce': ce / self._global_mean_normaliser(self.empty_weight[target_classes].sum())}
         if log:
             losses['class_error'] = 100 - accuracy(src_logits[idx], target_classes_o)[0]
         return losses
@@ -123,16 +127,22 @@ class SetCriterion(nn.Module):
         return batch_idx, tgt_idx
 
     @staticmethod
+    def _global_mean_normaliser(local_total):
+        """A per-process total summed over processes and divided by their number."""
+        total = local_total.detach().clone()
+        if is_dist_avail_and_initialized():
+            torch.distributed.all_reduce(total)
+        return total / get_world_size()
+
+    @staticmethod
     def _num_boxes(targets, device):
         """Target boxes per process, averaged over all processes, at least 1.
 
         Every rank divides by the same number, so the gradients DDP averages are those of the
         global batch.
         """
-        num_boxes = torch.as_tensor([float(sum(len(t['labels']) for t in targets))], device=device)
-        if is_dist_avail_and_initialized():
-            torch.distributed.all_reduce(num_boxes)
-        return torch.clamp(num_boxes / get_world_size(), min=1).item()
+        num_boxes = torch.as_tensor(float(sum(len(t['labels']) for t in targets)), device=device)
+        return torch.clamp(SetCriterion._global_mean_normaliser(num_boxes), min=1).item()
 
     @staticmethod
     def _layer_outputs(outputs):
@@ -240,7 +250,7 @@ def build(args):
 
     num_aux_layers = args.dec_layers - 1 if args.aux_loss else 0
     raw_weights = with_aux_weights(
-        {'loss_ce': 1, 'loss_bbox': args.bbox_loss_coef, 'loss_giou': args.giou_loss_coef}, num_aux_layers)
+        {'loss_ce': args.cls_loss_coef, 'loss_bbox': args.bbox_loss_coef, 'loss_giou': args.giou_loss_coef}, num_aux_layers)
     matcher = (build_dap_matcher(args, activation='softmax') if args.matcher == 'dap'
                else build_matcher(args))
     if args.loss == 'raw':

@@ -32,7 +32,7 @@ COCO_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 def run_main(flags):
     parser = argparse.ArgumentParser(parents=[detr_main.get_args_parser()])
-    args = parser.parse_args(flags)
+    args = detr_main.parse_args(parser, flags)
     os.makedirs(args.output_dir, exist_ok=True)
     return detr_main.main(args)
 
