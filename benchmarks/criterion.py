@@ -1,0 +1,109 @@
+"""Cost of the criterion + matcher, raw vs DAP, at the paper's batch scale (forward + backward).
+
+    python benchmarks/criterion.py --device cuda            # DETR and Deformable DETR scales
+    python benchmarks/criterion.py --device cpu --repeats 3
+
+Only the loss side is timed (matching, loss, backward into the head outputs): the detector is
+the same under every loss. Prints the time per iteration of each setting, its ratio to raw,
+and the peak memory on CUDA.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import main as detr_main  # noqa: E402
+from models import build_model  # noqa: E402
+
+SCALES = {
+    # model: images, queries, classes (without background), decoder layers, boxes per image
+    "detr": dict(images=56, queries=100, num_classes=91, layers=6, boxes=7),
+    "deformable_detr": dict(images=24, queries=300, num_classes=91, layers=6, boxes=7),
+}
+SETTINGS = {
+    "raw": ["--loss", "raw", "--matcher", "hungarian"],
+    "dap (dap matcher)": ["--loss", "dap", "--matcher", "dap"],
+    "dap (hungarian)": ["--loss", "dap", "--matcher", "hungarian"],
+    "raw+dap": ["--loss", "raw+dap", "--matcher", "hungarian"],
+}
+
+
+def build_criterion(model, flags, device):
+    parser = argparse.ArgumentParser(parents=[detr_main.get_args_parser()])
+    args = detr_main.parse_args(parser, [
+        "--model", model, "--device", device, "--no_pretrained_backbone", "--backbone", "resnet50",
+        "--enc_layers", "1", "--dec_layers", str(SCALES[model]["layers"]), *flags])
+    return build_model(args)[1]
+
+
+def make_inputs(model, device, seed=0):
+    s = SCALES[model]
+    g = torch.Generator().manual_seed(seed)
+    logit_width = s["num_classes"] + (1 if model == "detr" else 0)  # DETR's no-object logit
+
+    def head():
+        logits = torch.randn(s["images"], s["queries"], logit_width, generator=g)
+        boxes = torch.cat([torch.rand(s["images"], s["queries"], 2, generator=g) * 0.6 + 0.2,
+                           torch.rand(s["images"], s["queries"], 2, generator=g) * 0.3 + 0.05], -1)
+        return logits.to(device).requires_grad_(), boxes.to(device).requires_grad_()
+
+    heads = [head() for _ in range(s["layers"])]
+    targets = []
+    for _ in range(s["images"]):
+        boxes = torch.cat([torch.rand(s["boxes"], 2, generator=g) * 0.6 + 0.2,
+                           torch.rand(s["boxes"], 2, generator=g) * 0.3 + 0.05], -1)
+        targets.append({"labels": torch.randint(1, s["num_classes"], (s["boxes"],), generator=g).to(device),
+                        "boxes": boxes.to(device)})
+    outputs = {"pred_logits": heads[-1][0], "pred_boxes": heads[-1][1],
+               "aux_outputs": [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in heads[:-1]]}
+    return outputs, targets, [t for h in heads for t in h]
+
+
+def time_setting(criterion, outputs, targets, leaves, device, repeats):
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        loss_dict = criterion(outputs, targets)
+        sum(loss_dict[k] * w for k, w in criterion.weight_dict.items() if k in loss_dict).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    elapsed = (time.perf_counter() - start) / repeats
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+    return elapsed, peak
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--models", nargs="+", default=["detr"], choices=sorted(SCALES))
+    opts = p.parse_args()
+    print(f"device: {torch.cuda.get_device_name() if opts.device == 'cuda' else 'cpu'}, "
+          f"torch {torch.__version__}, {opts.repeats} repeats")
+    for model in opts.models:
+        s = SCALES[model]
+        print(f"\n{model}: {s['images']} images x {s['queries']} queries x {s['num_classes']} classes, "
+              f"{s['boxes']} boxes per image, {s['layers']} decoder layers")
+        print(f"| setting | ms / iteration | ratio to raw | peak memory (MiB) |\n| --- | --- | --- | --- |")
+        baseline = None
+        for name, flags in SETTINGS.items():
+            criterion = build_criterion(model, flags, opts.device)
+            outputs, targets, leaves = make_inputs(model, opts.device)
+            elapsed, peak = time_setting(criterion, outputs, targets, leaves, opts.device, opts.repeats)
+            baseline = baseline or elapsed
+            print(f"| {name} | {1000 * elapsed:.1f} | {elapsed / baseline:.2f} | {peak:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
