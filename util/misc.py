@@ -3,10 +3,12 @@ distributed bookkeeping and metric logging."""
 import builtins
 import datetime
 import os
+import random
 import subprocess
 import time
 from collections import defaultdict, deque
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -252,6 +254,17 @@ def accuracy(output, target, topk=(1,)):
     _, pred = output.topk(maxk, dim=1)
     correct = pred.t().eq(target.view(1, -1))
     return [correct[:k].reshape(-1).float().sum() * (100.0 / target.size(0)) for k in topk]
+
+
+def seed_everything(*keys):
+    """Seed torch, numpy and random from a tuple of ints (e.g. seed, rank, epoch).
+
+    Seeding at the start of every epoch from (seed, rank, epoch) makes a run resumed from an
+    epoch checkpoint draw exactly the random numbers of an uninterrupted one."""
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def inverse_sigmoid(x, eps=1e-5):
