@@ -1,6 +1,7 @@
 """Model factory: picks the detector family from --model."""
 from util.errors import UserInputError
 
+from .deformable_detr import build as build_deformable_detr
 from .detr import build as build_detr
 
 # Flags whose upstream default depends on the detector (main.py's defaults are DETR's).
@@ -14,6 +15,7 @@ MODEL_DEFAULTS = {
 def build_model(args):
     """Returns (model, criterion, postprocessors) for args.model (default 'detr')."""
     model = getattr(args, 'model', 'detr')
-    if model == 'detr':
-        return build_detr(args)
-    raise UserInputError(f"unknown --model {model!r}; use detr")
+    builders = {'detr': build_detr, 'deformable_detr': build_deformable_detr}
+    if model not in builders:
+        raise UserInputError(f"unknown --model {model!r}; use one of {', '.join(builders)}")
+    return builders[model](args)

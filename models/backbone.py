@@ -72,13 +72,14 @@ class LayerGetter(nn.ModuleDict):
 
 class BackboneBase(nn.Module):
 
-    def __init__(self, backbone, train_backbone, num_channels, return_layers):
+    def __init__(self, backbone, train_backbone, return_layers, strides, num_channels):
         super().__init__()
         for name, parameter in backbone.named_parameters():
             # The stem and layer1 stay frozen even when the backbone is trained, as upstream.
             if not train_backbone or not name.startswith(('layer2', 'layer3', 'layer4')):
                 parameter.requires_grad_(False)
         self.body = LayerGetter(backbone, return_layers)
+        self.strides = strides
         self.num_channels = num_channels
 
     def forward(self, tensor_list: NestedTensor):
@@ -91,9 +92,13 @@ class BackboneBase(nn.Module):
 
 
 class Backbone(BackboneBase):
-    """A torchvision ResNet with frozen batch norm; returns the layer4 feature map as '0'."""
+    """A torchvision ResNet with frozen batch norm.
 
-    def __init__(self, name, train_backbone, dilation=False, pretrained=False):
+    Returns the layer4 feature map as '0' or, with return_interm_layers (Deformable DETR's
+    multi-scale input), layer2/3/4 as '0'/'1'/'2' (strides 8/16/32).
+    """
+
+    def __init__(self, name, train_backbone, dilation=False, pretrained=False, return_interm_layers=False):
         if name not in RESNETS:
             raise UserInputError(f"unknown --backbone {name!r}; use one of {', '.join(RESNETS)}")
         if dilation and name in ('resnet18', 'resnet34'):
@@ -110,15 +115,27 @@ class Backbone(BackboneBase):
             raise UserInputError(
                 f"could not download the ImageNet weights of {name} from {weights.url} ({e}); "
                 "pass --no_pretrained_backbone or pre-seed $TORCH_HOME/hub/checkpoints with that file") from e
-        num_channels = 512 if name in ('resnet18', 'resnet34') else 2048
-        super().__init__(backbone, train_backbone, num_channels, return_layers={'layer4': '0'})
+        # Output channels of layer2/3/4: basic blocks (resnet18/34) or bottlenecks (x4).
+        channels = [128, 256, 512] if name in ('resnet18', 'resnet34') else [512, 1024, 2048]
+        strides = [8, 16, 32]
+        if dilation:
+            strides[-1] //= 2
+        layers = ['layer2', 'layer3', 'layer4'] if return_interm_layers else ['layer4']
+        keep = slice(-len(layers), None)
+        super().__init__(backbone, train_backbone, {layer: str(i) for i, layer in enumerate(layers)},
+                         strides[keep], channels[keep])
 
 
 class Joiner(nn.Sequential):
-    """Backbone followed by the positional encoding of each returned feature map."""
+    """Backbone followed by the positional encoding of each returned feature map.
+
+    Returns (features, positions): lists ordered by the backbone's output names, i.e. from
+    the finest level to the coarsest.
+    """
 
     def __init__(self, backbone, position_embedding):
         super().__init__(backbone, position_embedding)
+        self.strides = backbone.strides
         self.num_channels = backbone.num_channels
 
     def forward(self, tensor_list: NestedTensor):
@@ -130,8 +147,9 @@ class Joiner(nn.Sequential):
         return out, pos
 
 
-def build_backbone(args):
-    position_embedding = build_position_encoding(args)
+def build_backbone(args, return_interm_layers=False, sine_offset=0.0):
+    """sine_offset: see PositionEmbeddingSine (DETR 0, Deformable DETR -0.5)."""
+    position_embedding = build_position_encoding(args, sine_offset)
     backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0, dilation=args.dilation,
-                        pretrained=args.pretrained_backbone)
+                        pretrained=args.pretrained_backbone, return_interm_layers=return_interm_layers)
     return Joiner(backbone, position_embedding)

@@ -218,15 +218,24 @@ def differentiable_all_reduce(tensor):
 
 
 class DAPCriterionMixin:
-    """Adds the 'dap' loss to a set criterion: loss_dap = -DAP (Eq. 9) of every decoder layer,
-    matched by the criterion's own matcher, with the soft counts summed over all processes so
-    the AP is that of the global batch (section 3.4: minibatch AP).
+    """Adds the 'dap' loss to a set criterion: loss_dap = -DAP (Eq. 9) of every decoder layer
+    (and of a two-stage encoder's proposals, suffix _enc), matched by the criterion's own
+    matcher, with the soft counts summed over all processes so the AP is that of the global
+    batch (section 3.4: minibatch AP).
 
     Each process computes its positives' share of the global DAP (the counts and G are global)
     and scales it by the number of processes: DDP's gradient average then gives exactly the
     gradient of the global DAP, and the logged average over processes is the global DAP, as
     the upstream losses do with their box count.
     """
+
+    @property
+    def aux_layer_kwargs(self):
+        # Auxiliary and encoder outputs add their loss_dap but neither log nor feed the matcher.
+        return {**super().aux_layer_kwargs, "dap": {"final_layer": False}}
+
+    def loss_map(self):
+        return {**super().loss_map(), "dap": self.loss_dap}
 
     def init_dap(self, *, activation, num_bins=32, sigma=0.05, num_gt=256, neg_topk=100):
         self.dap_activation = activation
@@ -247,12 +256,15 @@ class DAPCriterionMixin:
         if final_layer:
             precision = terms.precision.detach()
             losses.update(dap_value=dap.detach(), dap_precision=precision.mean())
-            update = getattr(self.matcher, "update_precision", None)
-            if self.training and update is not None:
-                update(precision)
+            self._final_precision = precision
         return losses
 
-
-def dap_weight_dict(loss_coef, num_aux_layers):
-    """Weights of loss_dap and of its copies loss_dap_i on the auxiliary layers."""
-    return {"loss_dap": loss_coef, **{f"loss_dap_{i}": loss_coef for i in range(num_aux_layers)}}
+    def forward(self, outputs, targets, **kwargs):
+        # The momentum matcher's table moves only after every layer of the iteration has been
+        # matched, so all layers see the table of the earlier iterations (spec section 2).
+        self._final_precision = None
+        losses = super().forward(outputs, targets, **kwargs)
+        update = getattr(self.matcher, "update_precision", None)
+        if self.training and update is not None and self._final_precision is not None:
+            update(self._final_precision)
+        return losses

@@ -9,7 +9,7 @@ from util.misc import (NestedTensor, accuracy, get_world_size, is_dist_avail_and
                        nested_tensor_from_tensor_list)
 
 from .backbone import build_backbone
-from .dap_criterion import DAPCriterionMixin, dap_weight_dict
+from .dap_criterion import DAPCriterionMixin
 from .dap_matcher import build_dap_matcher
 from .matcher import build_matcher
 from .transformer import build_transformer
@@ -27,7 +27,7 @@ class DETR(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
-        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.input_proj = nn.Conv2d(backbone.num_channels[-1], hidden_dim, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
 
@@ -53,8 +53,9 @@ class DETR(nn.Module):
         return out
 
 
-class SetCriterion(nn.Module):
-    """DETR's loss: match predictions to targets, then score the matched pairs.
+class BaseSetCriterion(nn.Module):
+    """What the set criteria of the DETR family share: match predictions to targets, then
+    score the matched pairs. Subclasses supply the classification loss, loss_labels.
 
     The same losses are computed for the final output and, separately matched, for every
     auxiliary decoder output (keys get the suffix `_i`).
@@ -63,35 +64,16 @@ class SetCriterion(nn.Module):
     # Extra arguments of a loss on auxiliary layers: class_error is logged for the final layer only.
     aux_layer_kwargs = {'labels': {'log': False}}
 
-    def __init__(self, num_classes, matcher, weight_dict, eos_coef, losses):
+    def __init__(self, num_classes, matcher, weight_dict, losses):
         """losses: names among 'labels', 'boxes', 'cardinality'."""
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
-        self.eos_coef = eos_coef
         self.losses = losses
-        empty_weight = torch.ones(num_classes + 1)
-        empty_weight[-1] = eos_coef
-        self.register_buffer('empty_weight', empty_weight)
 
     def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
-        """Weighted cross-entropy over all queries; unmatched ones target the "no object" class."""
-        src_logits = outputs['pred_logits']
-        idx = self._get_src_permutation_idx(indices)
-        target_classes_o = torch.cat([t['labels'][j] for t, (_, j) in zip(targets, indices)])
-        target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64,
-                                    device=src_logits.device)
-        target_classes[idx] = target_classes_o
-
-        # Upstream's weighted mean, sum(w_i * ce_i) / sum(w_i), with the denominator summed over
-        # processes (like num_boxes): identical on one process, and the loss of the global batch
-        # under data parallelism instead of a mean of per-process means.
-        ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight, reduction='sum')
-        losses = {'loss_ce': ce / self._global_mean_normaliser(self.empty_weight[target_classes].sum())}
-        if log:
-            losses['class_error'] = 100 - accuracy(src_logits[idx], target_classes_o)[0]
-        return losses
+        raise NotImplementedError
 
     @torch.no_grad()
     def loss_cardinality(self, outputs, targets, indices, num_boxes):
@@ -142,14 +124,13 @@ class SetCriterion(nn.Module):
         global batch.
         """
         num_boxes = torch.as_tensor(float(sum(len(t['labels']) for t in targets)), device=device)
-        return torch.clamp(SetCriterion._global_mean_normaliser(num_boxes), min=1).item()
+        return torch.clamp(BaseSetCriterion._global_mean_normaliser(num_boxes), min=1).item()
 
-    @staticmethod
-    def _layer_outputs(outputs):
-        """(key suffix, outputs) of the final layer ('') and of each auxiliary layer ('_i')."""
-        yield '', {k: v for k, v in outputs.items() if k != 'aux_outputs'}
+    def _layer_outputs(self, outputs, targets):
+        """(key suffix, outputs, targets) of the final layer ('') and of each auxiliary layer ('_i')."""
+        yield '', {k: v for k, v in outputs.items() if k not in ('aux_outputs', 'enc_outputs')}, targets
         for i, aux_outputs in enumerate(outputs.get('aux_outputs', [])):
-            yield f'_{i}', aux_outputs
+            yield f'_{i}', aux_outputs, targets
 
     def loss_map(self):
         return {'labels': self.loss_labels, 'cardinality': self.loss_cardinality, 'boxes': self.loss_boxes}
@@ -166,21 +147,46 @@ class SetCriterion(nn.Module):
         """
         num_boxes = self._num_boxes(targets, outputs['pred_logits'].device)
         losses = {}
-        for suffix, layer_outputs in self._layer_outputs(outputs):
-            indices = self.matcher(layer_outputs, targets)
+        for suffix, layer_outputs, layer_targets in self._layer_outputs(outputs, targets):
+            indices = self.matcher(layer_outputs, layer_targets)
             for loss in self.losses:
                 kwargs = self.aux_layer_kwargs.get(loss, {}) if suffix else {}
-                layer_losses = self.get_loss(loss, layer_outputs, targets, indices, num_boxes, **kwargs)
+                layer_losses = self.get_loss(loss, layer_outputs, layer_targets, indices, num_boxes, **kwargs)
                 losses.update({k + suffix: v for k, v in layer_losses.items()})
+        return losses
+
+
+class SetCriterion(BaseSetCriterion):
+    """DETR's loss: softmax cross-entropy with a down-weighted "no object" class, L1 and GIoU."""
+
+    def __init__(self, num_classes, matcher, weight_dict, eos_coef, losses):
+        super().__init__(num_classes, matcher, weight_dict, losses)
+        self.eos_coef = eos_coef
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer('empty_weight', empty_weight)
+
+    def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
+        """Weighted cross-entropy over all queries; unmatched ones target the "no object" class."""
+        src_logits = outputs['pred_logits']
+        idx = self._get_src_permutation_idx(indices)
+        target_classes_o = torch.cat([t['labels'][j] for t, (_, j) in zip(targets, indices)])
+        target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64,
+                                    device=src_logits.device)
+        target_classes[idx] = target_classes_o
+
+        # Upstream's weighted mean, sum(w_i * ce_i) / sum(w_i), with the denominator summed over
+        # processes (like num_boxes): identical on one process, and the loss of the global batch
+        # under data parallelism instead of a mean of per-process means.
+        ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight, reduction='sum')
+        losses = {'loss_ce': ce / self._global_mean_normaliser(self.empty_weight[target_classes].sum())}
+        if log:
+            losses['class_error'] = 100 - accuracy(src_logits[idx], target_classes_o)[0]
         return losses
 
 
 class DAPSetCriterion(DAPCriterionMixin, SetCriterion):
     """SetCriterion with the 'dap' loss available (--loss dap or raw+dap)."""
-    aux_layer_kwargs = {**SetCriterion.aux_layer_kwargs, 'dap': {'final_layer': False}}
-
-    def loss_map(self):
-        return {**super().loss_map(), 'dap': self.loss_dap}
 
 
 class PostProcess(nn.Module):
@@ -193,17 +199,19 @@ class PostProcess(nn.Module):
         Returns a list of B dicts: 'scores' [Q], 'labels' [Q] (class ids), 'boxes' [Q,4]
         (absolute xyxy).
         """
-        out_logits, out_bbox = outputs['pred_logits'], outputs['pred_boxes']
-        if len(out_logits) != len(target_sizes) or target_sizes.shape[1] != 2:
-            raise ValueError("PostProcess: target_sizes must be [batch_size, 2] (height, width)")
-
-        prob = F.softmax(out_logits, -1)
-        scores, labels = prob[..., :-1].max(-1)
-        boxes = box_ops.box_cxcywh_to_xyxy(out_bbox)
-        img_h, img_w = target_sizes.unbind(1)
-        scale_fct = torch.stack([img_w, img_h, img_w, img_h], dim=1)
-        boxes = boxes * scale_fct[:, None, :]
+        boxes = absolute_xyxy(outputs['pred_boxes'], target_sizes)
+        scores, labels = F.softmax(outputs['pred_logits'], -1)[..., :-1].max(-1)
         return [{'scores': s, 'labels': c, 'boxes': b} for s, c, b in zip(scores, labels, boxes)]
+
+
+def absolute_xyxy(boxes, target_sizes):
+    """Normalised cxcywh boxes [B,N,4] -> absolute xyxy in pixels of each image.
+    target_sizes: [B,2] (height, width) of each original image."""
+    if len(boxes) != len(target_sizes) or target_sizes.shape[1] != 2:
+        raise ValueError("PostProcess: target_sizes must be [batch_size, 2] (height, width)")
+    img_h, img_w = target_sizes.unbind(1)
+    scale_fct = torch.stack([img_w, img_h, img_w, img_h], dim=1)
+    return box_ops.box_cxcywh_to_xyxy(boxes) * scale_fct[:, None, :]
 
 
 class MLP(nn.Module):
@@ -230,12 +238,39 @@ def default_num_classes(args):
     return {'coco': 91, 'coco_panoptic': 250}.get(args.dataset_file, 20)
 
 
-def with_aux_weights(weight_dict, num_aux_layers):
-    """weight_dict plus a copy of every entry for each auxiliary layer i (key suffix `_i`)."""
+def with_aux_weights(weight_dict, num_aux_layers, extra_suffixes=()):
+    """weight_dict plus a copy of every entry for each auxiliary layer i (key suffix `_i`)
+    and for each extra suffix (two-stage Deformable DETR: '_enc')."""
     out = dict(weight_dict)
-    for i in range(num_aux_layers):
-        out.update({f'{k}_{i}': v for k, v in weight_dict.items()})
+    for suffix in [f'_{i}' for i in range(num_aux_layers)] + list(extra_suffixes):
+        out.update({k + suffix: v for k, v in weight_dict.items()})
     return out
+
+
+def build_criterion(args, criterion_cls, dap_criterion_cls, *, num_classes, activation, raw_weights,
+                    num_aux_layers, extra_suffixes=(), **criterion_kwargs):
+    """The criterion chosen by --loss and --matcher, for any detector of the family.
+
+    activation: how the head scores classes, 'softmax' (DETR) or 'sigmoid' (focal heads); it
+    picks the Hungarian class cost and the DAP scores. raw_weights: the upstream loss weights
+    of the final layer; every loss is also weighted on each auxiliary layer and extra output.
+    criterion_cls(num_classes, matcher, weight_dict, losses=..., **criterion_kwargs) is the
+    upstream criterion, dap_criterion_cls its DAPCriterionMixin version (--loss dap/raw+dap).
+    """
+    if args.matcher == 'dap':
+        matcher = build_dap_matcher(args, activation=activation)
+    else:
+        matcher = build_matcher(args, focal=activation == 'sigmoid')
+    with_raw, with_dap = args.loss in ('raw', 'raw+dap'), args.loss in ('dap', 'raw+dap')
+    weights = {**(raw_weights if with_raw else {}), **({'loss_dap': args.dap_loss_coef} if with_dap else {})}
+    losses = (['labels', 'boxes'] if with_raw else []) + (['dap'] if with_dap else []) + ['cardinality']
+    criterion = (dap_criterion_cls if with_dap else criterion_cls)(
+        num_classes, matcher, with_aux_weights(weights, num_aux_layers, extra_suffixes), losses=losses,
+        **criterion_kwargs)
+    if with_dap:
+        criterion.init_dap(activation=activation, num_bins=args.dap_bins, sigma=args.dap_sigma,
+                           num_gt=args.dap_num_gt, neg_topk=args.dap_neg_topk)
+    return criterion.to(torch.device(args.device))
 
 
 def build(args):
@@ -248,21 +283,8 @@ def build(args):
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
                  aux_loss=args.aux_loss)
 
-    num_aux_layers = args.dec_layers - 1 if args.aux_loss else 0
-    raw_weights = with_aux_weights(
-        {'loss_ce': args.cls_loss_coef, 'loss_bbox': args.bbox_loss_coef, 'loss_giou': args.giou_loss_coef}, num_aux_layers)
-    matcher = (build_dap_matcher(args, activation='softmax') if args.matcher == 'dap'
-               else build_matcher(args))
-    if args.loss == 'raw':
-        criterion = SetCriterion(num_classes, matcher, raw_weights, args.eos_coef,
-                                 losses=['labels', 'boxes', 'cardinality'])
-    else:
-        dap_weights = dap_weight_dict(args.dap_loss_coef, num_aux_layers)
-        with_raw = args.loss == 'raw+dap'
-        criterion = DAPSetCriterion(
-            num_classes, matcher, {**(raw_weights if with_raw else {}), **dap_weights}, args.eos_coef,
-            losses=(['labels', 'boxes'] if with_raw else []) + ['dap', 'cardinality'])
-        criterion.init_dap(activation='softmax', num_bins=args.dap_bins, sigma=args.dap_sigma,
-                           num_gt=args.dap_num_gt, neg_topk=args.dap_neg_topk)
-    criterion.to(torch.device(args.device))
+    criterion = build_criterion(
+        args, SetCriterion, DAPSetCriterion, num_classes=num_classes, activation='softmax',
+        raw_weights={'loss_ce': args.cls_loss_coef, 'loss_bbox': args.bbox_loss_coef, 'loss_giou': args.giou_loss_coef},
+        num_aux_layers=args.dec_layers - 1 if args.aux_loss else 0, eos_coef=args.eos_coef)
     return model, criterion, {'bbox': PostProcess()}

@@ -23,35 +23,53 @@ def assign_per_image(cost, sizes):
     return assign_each([c[i] for i, c in enumerate(cost.split(sizes, -1))])
 
 
+def focal_class_cost(logits, tgt_ids, alpha=0.25, gamma=2.0):
+    """Class cost of sigmoid heads: the focal loss of calling each prediction the target's
+    class minus that of calling it background, i.e. what matching the pair adds to the
+    focal classification loss. logits [N, C], tgt_ids [T] -> [N, T]."""
+    prob = logits.sigmoid()[:, tgt_ids]
+    neg_cost = (1 - alpha) * prob ** gamma * -(1 - prob + 1e-8).log()
+    pos_cost = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+    return pos_cost - neg_cost
+
+
 class HungarianMatcher(nn.Module):
     """Matches each ground-truth box to one query by minimising
-    cost_class * (-p(class)) + cost_bbox * L1(boxes) + cost_giou * (-GIoU(boxes)).
+    cost_class * class_cost + cost_bbox * L1(boxes) + cost_giou * (-GIoU(boxes)).
 
-    Queries left over (there are more queries than targets) are "no object".
+    class_cost is -p(class) for softmax heads (DETR: logits [B,Q,C+1]) and, with focal=True,
+    focal_class_cost for sigmoid heads (Deformable DETR: logits [B,Q,C], alpha 0.25 and
+    gamma 2 fixed as upstream). Queries left over (there are more queries than targets) are
+    "no object".
     """
 
-    def __init__(self, cost_class: float = 1, cost_bbox: float = 1, cost_giou: float = 1):
+    def __init__(self, cost_class: float = 1, cost_bbox: float = 1, cost_giou: float = 1, focal: bool = False):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("HungarianMatcher: all costs are 0")
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
+        self.focal = focal
 
     @torch.no_grad()
     def forward(self, outputs, targets):
-        """outputs: 'pred_logits' [B,Q,C+1], 'pred_boxes' [B,Q,4] (normalised cxcywh);
-        targets: list of B dicts with 'labels' [T_i] and 'boxes' [T_i,4] (normalised cxcywh).
+        """outputs: 'pred_logits' [B,Q,C+1] (or [B,Q,C] with focal), 'pred_boxes' [B,Q,4]
+        (normalised cxcywh); targets: list of B dicts with 'labels' [T_i] and 'boxes' [T_i,4]
+        (normalised cxcywh).
         """
         bs, num_queries = outputs["pred_logits"].shape[:2]
         # Batch everything and split per image only for the assignment itself.
-        out_prob = outputs["pred_logits"].flatten(0, 1).softmax(-1)
+        out_logits = outputs["pred_logits"].flatten(0, 1)
         out_bbox = outputs["pred_boxes"].flatten(0, 1)
         tgt_ids = torch.cat([t["labels"] for t in targets])
         tgt_bbox = torch.cat([t["boxes"] for t in targets])
 
-        # 1 - p(class) would do; the constant does not change the assignment.
-        cost_class = -out_prob[:, tgt_ids]
+        if self.focal:
+            cost_class = focal_class_cost(out_logits, tgt_ids)
+        else:
+            # 1 - p(class) would do; the constant does not change the assignment.
+            cost_class = -out_logits.softmax(-1)[:, tgt_ids]
         cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
 
@@ -59,6 +77,6 @@ class HungarianMatcher(nn.Module):
         return assign_per_image(cost.view(bs, num_queries, -1), [len(t["boxes"]) for t in targets])
 
 
-def build_matcher(args):
+def build_matcher(args, focal=False):
     return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
-                            cost_giou=args.set_cost_giou)
+                            cost_giou=args.set_cost_giou, focal=focal)

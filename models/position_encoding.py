@@ -64,11 +64,12 @@ class PositionEmbeddingLearned(nn.Module):
         return pos.permute(2, 0, 1).unsqueeze(0).expand(x.shape[0], -1, -1, -1)
 
 
-def build_position_encoding(args):
+def build_position_encoding(args, sine_offset=0.0):
+    """sine_offset: the offset of the normalised sine positions (DETR 0, Deformable DETR -0.5)."""
     num_pos_feats = args.hidden_dim // 2
     # v2/v3 are the names the upstream code accepted before sine/learned.
     if args.position_embedding in ('sine', 'v2'):
-        return PositionEmbeddingSine(num_pos_feats, normalize=True)
+        return PositionEmbeddingSine(num_pos_feats, normalize=True, offset=sine_offset)
     if args.position_embedding in ('learned', 'v3'):
         return PositionEmbeddingLearned(num_pos_feats)
     raise UserInputError(f"unknown --position_embedding {args.position_embedding!r}; use sine or learned")
