@@ -1,0 +1,338 @@
+"""Multi-scale deformable attention: the PyTorch operator against a brute-force bilinear reference,
+its gradients, the MSDeformAttn module (parameters, init, sampling locations, padding), and, where
+a GPU and the built extension exist, the CUDA op against the PyTorch operator."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from models.ops import MSDeformAttn, ms_deform_attn, ms_deform_attn_core_pytorch
+from models.ops.functions import MSDeformAttnFunction
+from models.ops.functions import ms_deform_attn_func as msda_func
+from models.ops.modules import ms_deform_attn as msda_module
+
+OPS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'models', 'ops')
+
+requires_cuda_op = pytest.mark.skipif(
+    not (torch.cuda.is_available() and msda_func._C is not None),
+    reason="needs a GPU and the built MultiScaleDeformableAttention extension")
+
+
+def level_start_index(shapes):
+    sizes = shapes[:, 0] * shapes[:, 1]
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+
+
+def random_inputs(shapes, N=2, M=2, D=3, Lq=4, P=2, dtype=torch.float64, device='cpu', seed=0):
+    """Random operator inputs; locations span [-0.3, 1.3] so some points fall outside the maps."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(shapes, dtype=torch.long)
+    S, L = int((shapes[:, 0] * shapes[:, 1]).sum()), len(shapes)
+    value = torch.randn(N, S, M, D, generator=g, dtype=dtype)
+    loc = torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=dtype) * 1.6 - 0.3
+    attn = torch.rand(N, Lq, M, L, P, generator=g, dtype=dtype)
+    attn = attn / attn.sum((-1, -2), keepdim=True)
+    return [t.to(device) for t in (value, shapes, level_start_index(shapes), loc, attn)]
+
+
+def naive_ms_deform_attn(value, shapes, loc, attn):
+    """Bilinear sampling with explicit loops: pixel (i, j) is centred at ((j+0.5)/W, (i+0.5)/H),
+    each of the 4 neighbouring pixels weighs (1-|dy|)(1-|dx|), pixels outside the map are zero."""
+    N, _, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    starts = level_start_index(shapes).tolist()
+    out = torch.zeros(N, Lq, M, D, dtype=value.dtype)
+    for n in range(N):
+        for q in range(Lq):
+            for m in range(M):
+                for lvl in range(L):
+                    H, W = shapes[lvl].tolist()
+                    for p in range(P):
+                        x = loc[n, q, m, lvl, p, 0].item() * W - 0.5
+                        y = loc[n, q, m, lvl, p, 1].item() * H - 0.5
+                        for i in (math.floor(y), math.floor(y) + 1):
+                            for j in (math.floor(x), math.floor(x) + 1):
+                                if 0 <= i < H and 0 <= j < W:
+                                    w = (1 - abs(y - i)) * (1 - abs(x - j))
+                                    out[n, q, m] += attn[n, q, m, lvl, p] * w * value[n, starts[lvl] + i * W + j, m]
+    return out.flatten(2)
+
+
+# ---- the PyTorch operator ---------------------------------------------------------------------
+
+def test_pytorch_op_matches_bruteforce_bilinear():
+    value, shapes, _, loc, attn = random_inputs([(3, 4), (2, 5), (1, 1)], N=2, M=2, D=3, Lq=5, P=3)
+    assert ((loc < 0) | (loc > 1)).any()  # some points outside the maps are covered
+    out = ms_deform_attn_core_pytorch(value, shapes, loc, attn)
+    assert out.shape == (2, 5, 2 * 3)
+    torch.testing.assert_close(out, naive_ms_deform_attn(value, shapes, loc, attn), rtol=0, atol=1e-12)
+
+
+def test_pytorch_op_hand_values():
+    # One level of 2x3 pixels, one head, one channel holding the pixel number 1..6.
+    shapes = torch.tensor([[2, 3]])
+    value = torch.arange(1.0, 7.0, dtype=torch.float64).view(1, 6, 1, 1)
+    points = [
+        ((2 + 0.5) / 3, (1 + 0.5) / 2),  # centre of pixel (1, 2) -> its value, 6
+        (0.0, (0 + 0.5) / 2),            # left edge of row 0: half of pixel (0, 0) -> 0.5
+        ((1 + 1.0) / 3, (0 + 0.5) / 2),  # between pixels (0, 1) and (0, 2) -> 2.5
+        (-0.6, 0.5),                     # far outside -> 0
+    ]
+    loc = torch.tensor(points, dtype=torch.float64).view(1, 4, 1, 1, 1, 2)
+    attn = torch.ones(1, 4, 1, 1, 1, dtype=torch.float64)
+    out = ms_deform_attn_core_pytorch(value, shapes, loc, attn)
+    torch.testing.assert_close(out.flatten(), torch.tensor([6.0, 0.5, 2.5, 0.0], dtype=torch.float64))
+
+
+def test_pytorch_op_gradcheck():
+    value, shapes, _, loc, attn = random_inputs([(3, 2), (2, 2)], N=1, M=2, D=2, Lq=2, P=2, seed=1)
+    inputs = [t.requires_grad_() for t in (value, loc, attn)]
+    assert torch.autograd.gradcheck(
+        lambda v, l, a: ms_deform_attn_core_pytorch(v, shapes, l, a), inputs)
+
+
+def test_entry_point_uses_pytorch_on_cpu_and_logs_once(monkeypatch, capsys):
+    # Pretend the extension is built: CPU tensors must still take the PyTorch path (the dummy
+    # has no kernels, so calling it would fail).
+    monkeypatch.setattr(msda_func, '_C', object())
+    monkeypatch.setattr(msda_func, '_logged_paths', set())
+    value, shapes, start, loc, attn = random_inputs([(3, 4), (2, 2)])
+    out = ms_deform_attn(value, shapes, start, loc, attn)
+    ms_deform_attn(value, shapes, start, loc, attn)
+    torch.testing.assert_close(out, ms_deform_attn_core_pytorch(value, shapes, loc, attn), rtol=0, atol=0)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and 'pure-PyTorch' in lines[0] and 'cpu' in lines[0]
+
+
+def test_function_without_extension_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(msda_func, '_C', None)
+    value, shapes, start, loc, attn = random_inputs([(2, 2)])
+    with pytest.raises(RuntimeError, match='models/ops/README.md'):
+        MSDeformAttnFunction.apply(value, shapes, start, loc, attn, 64)
+
+
+# ---- the module -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('n_levels, n_rows', [(4, 256), (1, 64)])
+def test_module_parameters_match_upstream(n_levels, n_rows):
+    m = MSDeformAttn(256, n_levels, 8, 4)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes == {
+        'sampling_offsets.weight': (n_rows, 256), 'sampling_offsets.bias': (n_rows,),
+        'attention_weights.weight': (n_rows // 2, 256), 'attention_weights.bias': (n_rows // 2,),
+        'value_proj.weight': (256, 256), 'value_proj.bias': (256,),
+        'output_proj.weight': (256, 256), 'output_proj.bias': (256,),
+    }
+    assert m.im2col_step == 64
+
+
+def test_module_init():
+    m = MSDeformAttn(256, 4, 8, 4)
+    # head h looks along angle 2*pi*h/8, pushed onto the unit square; point i at (i+1) steps
+    directions = torch.tensor([[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]],
+                              dtype=torch.float32)
+    expected = directions[:, None, None, :] * torch.arange(1.0, 5.0)[None, None, :, None]
+    torch.testing.assert_close(m.sampling_offsets.bias.detach().view(8, 4, 4, 2),
+                               expected.expand(8, 4, 4, 2), rtol=0, atol=1e-5)
+    for t in (m.sampling_offsets.weight, m.attention_weights.weight, m.attention_weights.bias,
+              m.value_proj.bias, m.output_proj.bias):
+        assert torch.count_nonzero(t) == 0
+    bound = math.sqrt(6 / (256 + 256))  # xavier_uniform
+    for w in (m.value_proj.weight, m.output_proj.weight):
+        assert w.abs().max() <= bound and w.std() > 0.9 * bound / math.sqrt(3)
+
+
+def test_module_head_dim_checks():
+    with pytest.warns(UserWarning, match='power of 2'):
+        MSDeformAttn(d_model=48, n_levels=1, n_heads=2, n_points=1)
+    with pytest.raises(ValueError, match='divisible'):
+        MSDeformAttn(d_model=30, n_levels=1, n_heads=4, n_points=1)
+
+
+SHAPES = [(4, 5), (2, 3)]
+
+
+def small_module(seed=0):
+    torch.manual_seed(seed)
+    m = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=3)
+    # Non-zero offsets and attention logits, so that the query actually matters.
+    nn.init.normal_(m.sampling_offsets.weight, std=0.3)
+    nn.init.normal_(m.attention_weights.weight, std=0.3)
+    return m
+
+
+def module_inputs(N=2, Lq=3, ref_dim=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(SHAPES)
+    S = int((shapes[:, 0] * shapes[:, 1]).sum())
+    query = torch.randn(N, Lq, 16, generator=g)
+    ref = torch.rand(N, Lq, len(SHAPES), ref_dim, generator=g)
+    src = torch.randn(N, S, 16, generator=g)
+    return query, ref, src, shapes, level_start_index(shapes)
+
+
+def capture_operator_inputs(monkeypatch):
+    captured = {}
+
+    def spy(value, shapes, start, loc, attn, im2col_step):
+        captured.update(value=value, loc=loc, attn=attn)
+        return ms_deform_attn(value, shapes, start, loc, attn, im2col_step)
+    monkeypatch.setattr(msda_module, 'ms_deform_attn', spy)
+    return captured
+
+
+@pytest.mark.parametrize('ref_dim', [2, 4])
+def test_module_sampling_locations_and_weights(monkeypatch, ref_dim):
+    captured = capture_operator_inputs(monkeypatch)
+    m = small_module()
+    query, ref, src, shapes, start = module_inputs(ref_dim=ref_dim)
+    out = m(query, ref, src, shapes, start)
+    assert out.shape == query.shape
+
+    offsets = m.sampling_offsets(query).view(2, 3, 2, 2, 3, 2)  # N, Lq, heads, levels, points, xy
+    expected = torch.empty_like(offsets)
+    for lvl, (H, W) in enumerate(SHAPES):
+        r = ref[:, :, None, lvl, None, :]
+        if ref_dim == 2:  # offsets in pixels of this level
+            expected[:, :, :, lvl, :, 0] = r[..., 0] + offsets[:, :, :, lvl, :, 0] / W
+            expected[:, :, :, lvl, :, 1] = r[..., 1] + offsets[:, :, :, lvl, :, 1] / H
+        else:  # offsets in units of half the box over n_points
+            expected[:, :, :, lvl] = r[..., :2] + offsets[:, :, :, lvl] / 3 * r[..., 2:] * 0.5
+    torch.testing.assert_close(captured['loc'], expected)
+
+    logits = m.attention_weights(query).view(2, 3, 2, 6)
+    torch.testing.assert_close(captured['attn'], logits.softmax(-1).view(2, 3, 2, 2, 3))
+    assert captured['value'].shape == (2, 4 * 5 + 2 * 3, 2, 8)
+
+
+def test_module_padding_mask_hides_padded_values():
+    m = small_module()
+    query, ref, src, shapes, start = module_inputs()
+    # Pad the last column of every level.
+    mask = torch.zeros(2, src.shape[1], dtype=torch.bool)
+    for (H, W), s in zip(SHAPES, start.tolist()):
+        mask[:, s + W - 1:s + H * W:W] = True
+    changed = src.clone()
+    changed[mask] = torch.randn(int(mask.sum()), 16) * 10
+
+    with torch.no_grad():
+        torch.testing.assert_close(m(query, ref, changed, shapes, start, mask),
+                                   m(query, ref, src, shapes, start, mask), rtol=0, atol=0)
+        # without the mask the padded values do reach the output
+        assert not torch.allclose(m(query, ref, changed, shapes, start), m(query, ref, src, shapes, start))
+
+
+def test_module_rejects_bad_inputs():
+    m = small_module()
+    query, ref, src, shapes, start = module_inputs()
+    with pytest.raises(ValueError, match='2 or 4'):
+        m(query, torch.rand(2, 3, 2, 3), src, shapes, start)
+    with pytest.raises(ValueError, match='input_flatten has'):
+        m(query, ref, src[:, :-1], shapes, start)
+
+
+def test_module_backward_reaches_every_parameter():
+    m = small_module()
+    query, ref, src, shapes, start = module_inputs()
+    m(query, ref, src, shapes, start).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ---- the CUDA op (GPU machines with the extension built) ---------------------------------------
+
+@requires_cuda_op
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('channels', [30, 32, 64, 71])
+def test_cuda_op_matches_pytorch(dtype, channels):
+    value, shapes, start, loc, attn = random_inputs([(6, 4), (3, 2), (2, 1), (1, 1)], N=2, M=2,
+                                                    D=channels, Lq=5, P=4, dtype=dtype, device='cuda')
+    grad_out = torch.randn(2, 5, 2 * channels, dtype=dtype, device='cuda')
+    results = []
+    for op in (lambda v, l, a: MSDeformAttnFunction.apply(v, shapes, start, l, a, 64),
+               lambda v, l, a: ms_deform_attn_core_pytorch(v, shapes, l, a)):
+        inputs = [t.clone().requires_grad_() for t in (value, loc, attn)]
+        out = op(*inputs)
+        out.backward(grad_out)
+        results.append([out] + [t.grad for t in inputs])
+    tol = dict(rtol=1e-2, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-7, atol=1e-9)
+    for cuda, reference in zip(*results):
+        torch.testing.assert_close(cuda, reference, **tol)
+
+
+@requires_cuda_op
+def test_cuda_op_gradcheck():
+    value, shapes, start, loc, attn = random_inputs([(3, 2), (2, 2)], N=1, M=2, D=3, Lq=2, P=2,
+                                                    device='cuda', seed=2)
+    inputs = [t.requires_grad_() for t in (value, loc, attn)]
+    assert torch.autograd.gradcheck(
+        lambda v, l, a: MSDeformAttnFunction.apply(v, shapes, start, l, a, 64), inputs)
+
+
+@requires_cuda_op
+def test_cuda_op_batch_chunks():
+    value, shapes, start, loc, attn = random_inputs([(4, 3), (2, 2)], N=4, device='cuda')
+    torch.testing.assert_close(MSDeformAttnFunction.apply(value, shapes, start, loc, attn, 2),
+                               MSDeformAttnFunction.apply(value, shapes, start, loc, attn, 64))
+    with pytest.raises(RuntimeError, match='divisible'):
+        MSDeformAttnFunction.apply(value[:3], shapes, start, loc[:3], attn[:3], 2)
+
+
+@requires_cuda_op
+def test_cuda_op_half_inputs_and_autocast():
+    value, shapes, start, loc, attn = random_inputs([(4, 3), (2, 2)], dtype=torch.float32, device='cuda')
+    out = ms_deform_attn(value.half(), shapes, start, loc, attn.half())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ms_deform_attn_core_pytorch(value, shapes, loc, attn),
+                               rtol=1e-2, atol=1e-2)
+
+    m = small_module().cuda()
+    query, ref, src, shapes, start = (t.cuda() for t in module_inputs())
+    with torch.autocast('cuda', dtype=torch.float16):
+        out = m(query, ref, src, shapes, start)
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.skipif(msda_func._C is None, reason="needs the built MultiScaleDeformableAttention extension")
+def test_extension_rejects_cpu_tensors():
+    value, shapes, start, loc, attn = random_inputs([(2, 2)])
+    with pytest.raises(RuntimeError, match='only has CUDA kernels'):
+        msda_func._C.ms_deform_attn_forward(value, shapes, start, loc, attn, 64)
+
+
+# ---- building the extension (slow; opt in with DAP_DETR_BUILD_OPS=1) ---------------------------
+
+@pytest.mark.skipif(os.environ.get('DAP_DETR_BUILD_OPS') != '1',
+                    reason="compiles the CUDA extension (about a minute); set DAP_DETR_BUILD_OPS=1")
+def test_extension_compiles_and_imports(tmp_path):
+    env = dict(os.environ, FORCE_CUDA='1', CUDA_HOME=os.environ.get('CUDA_HOME', '/usr/local/cuda'),
+               TORCH_CUDA_ARCH_LIST='9.0')
+    build = subprocess.run(
+        [sys.executable, 'setup.py', 'build_ext', '--build-lib', str(tmp_path / 'lib'),
+         '--build-temp', str(tmp_path / 'tmp')],
+        cwd=OPS_DIR, env=env, capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+
+    # Import in a fresh process (calling a kernel needs a GPU; a CPU call must fail cleanly).
+    check = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(tmp_path / 'lib')!r})
+        import MultiScaleDeformableAttention as ext
+        x = torch.zeros(1, 4, 1, 1)
+        try:
+            ext.ms_deform_attn_forward(x, torch.tensor([[2, 2]]), torch.tensor([0]),
+                                       torch.zeros(1, 1, 1, 1, 1, 2), torch.zeros(1, 1, 1, 1, 1), 64)
+        except RuntimeError as e:
+            assert 'only has CUDA kernels' in str(e), e
+        else:
+            raise AssertionError('CPU tensors were accepted')
+        print('ok', ext.__file__)
+    """)
+    run = subprocess.run([sys.executable, '-c', check], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith('ok'), run.stdout + run.stderr
