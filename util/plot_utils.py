@@ -35,6 +35,11 @@ def plot_logs(log_dirs, fields=("train_loss", "test_loss", "mAP"), out_path=None
             ax.plot(epochs, values, marker="o", label=log_dir.name)
             ax.set_title(field)
             ax.set_xlabel("epoch")
+    return _finish(plt, fig, axes, out_path)
+
+
+def _finish(plt, fig, axes, out_path):
+    """Legends, layout, and the PNG when out_path is given (the figure is then closed)."""
     for ax in axes[0]:
         ax.legend()
     fig.tight_layout()
@@ -69,9 +74,4 @@ def plot_precision_recall(eval_files, names=None, iou_thresholds=(0.5, 0.75), ou
         ax.set_ylabel("precision")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
-        ax.legend()
-    fig.tight_layout()
-    if out_path:
-        fig.savefig(out_path, dpi=100)
-        plt.close(fig)
-    return fig
+    return _finish(plt, fig, axes, out_path)
