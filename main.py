@@ -261,7 +261,7 @@ def main(args):
     output_dir = Path(args.output_dir) if args.output_dir else None
     if args.finetune:
         checkpoint = load_checkpoint(args.finetune)
-        drop = ("class_embed",) if args.finetune_drop_class_head else ()
+        drop = model_without_ddp.class_head_prefixes if args.finetune_drop_class_head else ()
         fit_state_dict(model_without_ddp, model_state_from_checkpoint(checkpoint, args.finetune),
                        source=args.finetune, drop_prefixes=drop)
         print(f"Fine-tuning from {args.finetune}" + (" (class head re-initialised)" if drop else ""))

@@ -21,6 +21,8 @@ from .transformer import _get_clones
 
 class DeformableDETR(nn.Module):
     """Backbone + multi-scale deformable transformer + class and box heads per decoder layer."""
+    # What --finetune_drop_class_head re-initialises: two-stage registers the heads twice.
+    class_head_prefixes = ('class_embed.', 'transformer.decoder.class_embed.')
 
     def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
                  aux_loss=True, with_box_refine=False, two_stage=False):
@@ -39,8 +41,9 @@ class DeformableDETR(nn.Module):
             # First half: query position (reference point); second half: query content.
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
 
-        # The finest backbone maps that are needed, each projected to hidden_dim; the levels
-        # beyond the backbone's come from stride-2 convolutions, the first on the last backbone map.
+        # The coarsest min(levels, #backbone maps) backbone maps, each projected to hidden_dim
+        # (upstream has no 2-level case: it always takes all three); the levels beyond come from
+        # stride-2 convolutions, the first on the last backbone map, the next on the level before.
         in_channels = backbone.num_channels[-min(num_feature_levels, len(backbone.num_channels)):]
         self.num_backbone_levels = len(in_channels)
         projections = [nn.Conv2d(c, hidden_dim, kernel_size=1) for c in in_channels]

@@ -17,6 +17,7 @@ from .transformer import build_transformer
 
 class DETR(nn.Module):
     """Backbone + transformer + a class head and a box head on every decoder output."""
+    class_head_prefixes = ('class_embed.',)  # what --finetune_drop_class_head re-initialises
 
     def __init__(self, backbone, transformer, num_classes, num_queries, aux_loss=False):
         """num_classes is the largest class id + 1; one more logit means "no object"."""

@@ -66,7 +66,9 @@ def _worker(rank, world_size, init_file, flags, result_queue):
     per_rank = NUM_IMAGES // world_size
     images = list(range(rank * per_rank, (rank + 1) * per_rank))
     loss_dict, grads = losses_and_grads(criterion_for(flags), layers, targets, images)
-    result_queue.put((rank, loss_dict, grads))
+    # NumPy, not tensors: torch would share tensor memory through a socket that disappears
+    # when this process exits.
+    result_queue.put((rank, {k: v.numpy() for k, v in loss_dict.items()}, [g.numpy() for g in grads]))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -79,7 +81,10 @@ def run_two_processes(flags):
         procs = [ctx.Process(target=_worker, args=(r, 2, init_file, flags, queue)) for r in range(2)]
         for p in procs:
             p.start()
-        results = dict((rank, (losses, grads)) for rank, losses, grads in (queue.get(timeout=120) for _ in procs))
+        results = {}
+        for _ in procs:
+            rank, losses, grads = queue.get(timeout=120)
+            results[rank] = ({k: torch.from_numpy(v) for k, v in losses.items()}, [torch.from_numpy(g) for g in grads])
         for p in procs:
             p.join(timeout=60)
             assert p.exitcode == 0

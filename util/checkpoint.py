@@ -108,7 +108,7 @@ def fit_state_dict(model, state_dict, source="checkpoint", drop_prefixes=()):
         problems.append(f"shape mismatch: {_summarise(wrong_shape, limit=3)}")
     if problems:
         hint = ""
-        if any(k.startswith("class_embed") for k in wrong_shape):
+        if any("class_embed" in k or "score_head" in k for k in wrong_shape):
             hint = (" (the class head has another number of classes: pass --num_classes to match, "
                     "or --finetune_drop_class_head to re-initialise it)")
         raise UserInputError(f"{source} does not fit the model: {'; '.join(problems)}{hint}")
