@@ -1,0 +1,286 @@
+"""RT-DETR (Zhao et al., "DETRs Beat YOLOs on Real-time Object Detection"): the detector, its
+criterion (varifocal + box losses, denoising losses), its post-processor, its flags and its
+optimizer groups.
+
+Labels are RT-DETR's contiguous 0..K-1, one per dataset category (datasets/rtdetr_transforms);
+the post-processor reports COCO category ids.
+"""
+import random
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datasets.rtdetr_transforms import MULTI_SCALE_SIZES, category_ids, scaled_size
+from util import box_ops
+from util.errors import UserInputError
+from util.misc import NestedTensor, nested_tensor_from_tensor_list
+
+from .dap_criterion import DAPCriterionMixin
+from .dap_matcher import build_dap_matcher
+from .deformable_detr import PostProcess as DeformablePostProcess
+from .deformable_detr import sigmoid_focal_loss
+from .denoising import denoising_match_indices
+from .detr import BaseSetCriterion
+from .hybrid_encoder import HybridEncoder
+from .matcher import build_matcher
+from .presnet import build_presnet
+from .rtdetr_decoder import RTDETRDecoder
+
+# Per backbone: CSP expansion of the encoder, and the widening of its AIFI/fusion width and
+# feed-forward size relative to --hidden_dim / --dim_feedforward (R101: 384 and 2048).
+# Upstream also uses 3 (R18) and 4 (R34) decoder layers: pass --dec_layers for those.
+BACKBONE_PRESETS = {
+    "presnet18vd": dict(expansion=0.5, width_mult=1.0, ffn_mult=1),
+    "presnet34vd": dict(expansion=0.5, width_mult=1.0, ffn_mult=1),
+    "presnet50vd": dict(expansion=1.0, width_mult=1.0, ffn_mult=1),
+    "presnet101vd": dict(expansion=1.0, width_mult=1.5, ffn_mult=2),
+}
+# Parameter name prefixes of the classification heads (what --finetune_drop_class_head re-initialises).
+CLASS_HEAD_PREFIXES = ("decoder.denoising_class_embed", "decoder.enc_score_head", "decoder.dec_score_head")
+
+
+class RTDETR(nn.Module):
+    """Backbone -> hybrid encoder -> decoder. In training, with multi_scale (a list of sizes),
+    the whole batch is first resized to a random square size (nearest neighbour), as upstream."""
+
+    def __init__(self, backbone, encoder, decoder, multi_scale=None):
+        super().__init__()
+        # Assignment order gives upstream's state-dict order: backbone, decoder, encoder.
+        self.backbone = backbone
+        self.decoder = decoder
+        self.encoder = encoder
+        self.multi_scale = list(multi_scale) if multi_scale else None
+
+    def forward(self, samples, targets=None):
+        """samples: NestedTensor, a [B,3,H,W] tensor or a list of [3,H,W] images, all of one size
+        (the pipelines resize to a square; padding would be read as image). targets: needed in
+        training for the denoising queries. Output: see RTDETRDecoder."""
+        if isinstance(samples, (list, tuple)):
+            samples = nested_tensor_from_tensor_list(samples)
+        x = samples.tensors if isinstance(samples, NestedTensor) else samples
+        if self.training and self.multi_scale:
+            size = random.choice(self.multi_scale)
+            x = F.interpolate(x, size=[size, size])
+        return self.decoder(self.encoder(self.backbone(x)), targets)
+
+
+class RTDETRCriterion(BaseSetCriterion):
+    """RT-DETR's set criterion. Every output layer is matched (Hungarian, focal class cost) and
+    scored with its list of losses: `losses` for the final layer and the other decoder layers
+    (key suffix `_aux_i`), `enc_losses` for the selected encoder queries (suffix `_aux_{n}`,
+    after the n decoder aux layers, as upstream names it). The denoising queries are matched by
+    construction and scored with `dn_losses` (suffix `_dn_i`), normalised by num_boxes times the
+    number of groups.
+
+    Loss names: 'vfl' (varifocal: IoU-aware classification), 'focal' (plain classification),
+    'boxes' (L1 + GIoU, DETR's). Values are unweighted; weight_dict weighs them.
+    """
+
+    def __init__(self, num_classes, matcher, weight_dict, losses, enc_losses, dn_losses, alpha=0.75, gamma=2.0):
+        super().__init__(num_classes, matcher, weight_dict, losses)
+        self.enc_losses = enc_losses
+        self.dn_losses = dn_losses
+        self.alpha = alpha
+        self.gamma = gamma
+
+    def loss_map(self):
+        return {"vfl": self.loss_vfl, "focal": self.loss_focal, "boxes": self.loss_boxes}
+
+    def _one_hot_targets(self, logits, targets, indices):
+        """(matched (batch, query) index, [B, Q, K] one-hot of each matched query's class)."""
+        idx = self._get_src_permutation_idx(indices)
+        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        one_hot = torch.zeros_like(logits)
+        one_hot[idx + (labels,)] = 1.0
+        return idx, one_hot
+
+    def loss_vfl(self, outputs, targets, indices, num_boxes):
+        """Varifocal loss: BCE towards the matched box's IoU (detached) at its class and 0
+        elsewhere; negatives weighted by alpha * p**gamma, positives by their target IoU."""
+        logits = outputs["pred_logits"]
+        idx, one_hot = self._one_hot_targets(logits, targets, indices)
+        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+        ious = box_ops.paired_box_iou(box_ops.box_cxcywh_to_xyxy(outputs["pred_boxes"][idx]),
+                                      box_ops.box_cxcywh_to_xyxy(target_boxes)).detach()
+        target_score = torch.zeros_like(logits)
+        target_score[idx] = ious.to(logits.dtype)[:, None]
+        target_score = target_score * one_hot
+        weight = self.alpha * logits.detach().sigmoid() ** self.gamma * (1 - one_hot) + target_score
+        loss = F.binary_cross_entropy_with_logits(logits, target_score, weight=weight, reduction="none")
+        # Upstream's loss.mean(1).sum() * num_queries / num_boxes, without its NaN when a batch
+        # has no denoising queries.
+        return {"loss_vfl": loss.sum() / num_boxes}
+
+    def loss_focal(self, outputs, targets, indices, num_boxes):
+        """Sigmoid focal loss towards the one-hot class of the matched queries (RT-DETR's
+        classification loss without IoU awareness)."""
+        logits = outputs["pred_logits"]
+        _, one_hot = self._one_hot_targets(logits, targets, indices)
+        loss = sigmoid_focal_loss(logits, one_hot, num_boxes, alpha=self.alpha, gamma=self.gamma)
+        return {"loss_focal": loss * logits.shape[1]}
+
+    def _layer_losses(self, names, outputs, targets, indices, num_boxes, suffix):
+        losses = {}
+        for name in names:
+            kwargs = self.aux_layer_kwargs.get(name, {}) if suffix else {}
+            layer_losses = self.get_loss(name, outputs, targets, indices, num_boxes, **kwargs)
+            losses.update({k + suffix: v for k, v in layer_losses.items()})
+        return losses
+
+    def forward(self, outputs, targets):
+        num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
+        aux = outputs.get("aux_outputs", [])
+        layers = [("", outputs, self.losses)] + [(f"_aux_{i}", a, self.losses) for i, a in enumerate(aux)]
+        if "enc_outputs" in outputs:
+            layers.append((f"_aux_{len(aux)}", outputs["enc_outputs"], self.enc_losses))
+
+        losses = {}
+        for suffix, layer_outputs, names in layers:
+            indices = self.matcher(layer_outputs, targets)
+            losses.update(self._layer_losses(names, layer_outputs, targets, indices, num_boxes, suffix))
+        if "dn_aux_outputs" in outputs:
+            meta = outputs["dn_meta"]
+            indices = denoising_match_indices(meta, targets)
+            for i, layer_outputs in enumerate(outputs["dn_aux_outputs"]):
+                losses.update(self._layer_losses(self.dn_losses, layer_outputs, targets, indices,
+                                                 num_boxes * meta["dn_num_group"], f"_dn_{i}"))
+        return losses
+
+
+class DAPRTDETRCriterion(DAPCriterionMixin, RTDETRCriterion):
+    """RTDETRCriterion with the 'dap' loss available (--loss dap or raw+dap)."""
+
+
+class PostProcess(DeformablePostProcess):
+    """Deformable DETR's top-k (query, class) selection, 300 pairs, reporting category ids."""
+
+    def __init__(self, category_ids, num_select=300):
+        super().__init__(num_select)
+        self.register_buffer("category_ids", torch.as_tensor(category_ids, dtype=torch.int64), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, outputs, target_sizes):
+        """target_sizes: [B, 2] (height, width) of each original image, as for DETR (upstream
+        RT-DETR passes (width, height)). 'labels' are category ids."""
+        results = super().forward(outputs, target_sizes)
+        ids = self.category_ids.to(outputs["pred_logits"].device)
+        return [{**r, "labels": ids[r["labels"]]} for r in results]
+
+
+# ----------------------------------------------------------------------------- flags and recipe
+
+def add_rtdetr_args(parser):
+    """RT-DETR's flags (the others map onto DETR's, see models.MODEL_DEFAULTS['rtdetr'])."""
+    group = parser.add_argument_group("RT-DETR")
+    group.add_argument("--no_iou_aware_query_selection", dest="iou_aware_query_selection", action="store_false",
+                       help="train the encoder's query-selection scores with the focal loss instead of the "
+                            "IoU-aware varifocal loss (the paper's RT-DETR-dagger rows); required by --loss dap")
+    group.add_argument("--num_denoising", default=100, type=int,
+                       help="denoising queries (positives and negatives, all groups); 0 disables denoising")
+    group.add_argument("--label_noise_ratio", default=0.5, type=float,
+                       help="denoising: twice the probability of replacing a label by a random class")
+    group.add_argument("--box_noise_scale", default=1.0, type=float,
+                       help="denoising: box corner noise, in units of half the box size")
+    group.add_argument("--no_multi_scale", dest="multi_scale", action="store_false",
+                       help="train at the evaluation size only (default: a random size of 480..800, times "
+                            "--input_scale, per batch; also off with --no_train_augmentation)")
+    group.add_argument("--ema", dest="ema", action="store_true", default=False,
+                       help="[model] evaluate and save an exponential moving average of the weights")
+    group.add_argument("--no_ema", dest="ema", action="store_false")
+    group.add_argument("--ema_decay", default=0.9999, type=float)
+    group.add_argument("--ema_warmups", default=2000, type=int,
+                       help="updates over which the EMA decay ramps up: decay * (1 - exp(-updates / warmups))")
+    return parser
+
+
+# Upstream (optimizer.yml): no weight decay on the biases and norm weights of the encoder and
+# decoder (names are matched as upstream's regexes do, e.g. the BN of `encoder.input_proj.N.1`
+# keeps its decay), nor on the backbone's norms (R18/R34; R50/R101 norms are frozen buffers).
+_NO_DECAY = re.compile(r"(encoder|decoder).*(bias|norm.*weight)")
+
+
+def rtdetr_param_groups(model, args):
+    """AdamW parameter groups: backbone (names containing one of --lr_backbone_names) at
+    --lr_backbone; weight decay 0 as above; the rest at --lr and --weight_decay."""
+    groups = {key: [] for key in [(False, False), (False, True), (True, False), (True, True)]}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        backbone = any(k in name for k in args.lr_backbone_names)
+        no_decay = ("norm" in name) if backbone else bool(_NO_DECAY.search(name))
+        groups[backbone, no_decay].append(p)
+    return [{"params": params, **({"lr": args.lr_backbone} if backbone else {}),
+             **({"weight_decay": 0.0} if no_decay else {})}
+            for (backbone, no_decay), params in groups.items() if params]
+
+
+def loss_names(args):
+    """(decoder losses, encoder losses, denoising losses) for --loss and the query selection."""
+    with_raw = args.loss in ("raw", "raw+dap")
+    dap = ["dap"] if args.loss in ("dap", "raw+dap") else []
+    enc_cls = "vfl" if args.iou_aware_query_selection else "focal"
+    return ((["vfl", "boxes"] if with_raw else []) + dap,
+            ([enc_cls, "boxes"] if with_raw else []) + dap,
+            ["vfl", "boxes"])
+
+
+def weights_for(names, suffix, args):
+    keys = {"vfl": {"loss_vfl": args.cls_loss_coef}, "focal": {"loss_focal": args.cls_loss_coef},
+            "boxes": {"loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef},
+            "dap": {"loss_dap": args.dap_loss_coef}}
+    return {k + suffix: w for name in names for k, w in keys[name].items()}
+
+
+def build(args):
+    if args.loss == "dap" and args.iou_aware_query_selection:
+        raise UserInputError("--loss dap with RT-DETR trains the encoder's query selection with DAP, not with "
+                             "the IoU-aware varifocal loss: add --no_iou_aware_query_selection (or use "
+                             "--loss raw+dap)")
+    if args.backbone not in BACKBONE_PRESETS:
+        raise UserInputError(f"unknown --backbone {args.backbone!r} for RT-DETR; use one of "
+                             f"{', '.join(BACKBONE_PRESETS)}")
+    categories = category_ids(args)
+    if args.num_classes is not None and args.num_classes != max(categories) + 1:
+        raise UserInputError(f"--num_classes {args.num_classes} does not fit the dataset: RT-DETR classifies "
+                             f"its {len(categories)} categories (largest id {max(categories)}, so --num_classes "
+                             f"{max(categories) + 1}); drop the flag")
+    num_classes = len(categories)
+    preset = BACKBONE_PRESETS[args.backbone]
+
+    backbone = build_presnet(args.backbone, train_backbone=args.lr_backbone > 0, pretrained=args.pretrained_backbone)
+    encoder = HybridEncoder(
+        in_channels=backbone.out_channels, feat_strides=backbone.out_strides,
+        hidden_dim=int(args.hidden_dim * preset["width_mult"]), nhead=args.nheads,
+        dim_feedforward=args.dim_feedforward * preset["ffn_mult"], dropout=args.dropout,
+        num_encoder_layers=args.enc_layers, expansion=preset["expansion"])
+    decoder = RTDETRDecoder(
+        num_classes, hidden_dim=args.hidden_dim, num_queries=args.num_queries, feat_channels=encoder.out_channels,
+        num_points=args.dec_n_points, nhead=args.nheads, num_layers=args.dec_layers,
+        dim_feedforward=args.dim_feedforward, dropout=args.dropout, num_denoising=args.num_denoising,
+        label_noise_ratio=args.label_noise_ratio, box_noise_scale=args.box_noise_scale, aux_loss=args.aux_loss)
+    multi_scale = None
+    if args.multi_scale and getattr(args, "train_augmentation", True):
+        multi_scale = [scaled_size(s, args.input_scale) for s in MULTI_SCALE_SIZES]
+    model = RTDETR(backbone, encoder, decoder, multi_scale)
+
+    dec_losses, enc_losses, dn_losses = loss_names(args)
+    num_aux = args.dec_layers - 1 if args.aux_loss else 0
+    weight_dict = weights_for(dec_losses, "", args)
+    for i in range(num_aux):
+        weight_dict.update(weights_for(dec_losses, f"_aux_{i}", args))
+    weight_dict.update(weights_for(enc_losses, f"_aux_{num_aux}", args))
+    if args.num_denoising > 0:
+        for i in range(args.dec_layers):
+            weight_dict.update(weights_for(dn_losses, f"_dn_{i}", args))
+
+    matcher = (build_dap_matcher(args, activation="sigmoid") if args.matcher == "dap"
+               else build_matcher(args, focal=True))
+    criterion_cls = DAPRTDETRCriterion if "dap" in dec_losses else RTDETRCriterion
+    criterion = criterion_cls(num_classes, matcher, weight_dict, dec_losses, enc_losses, dn_losses)
+    if "dap" in dec_losses:
+        criterion.init_dap(activation="sigmoid", num_bins=args.dap_bins, sigma=args.dap_sigma,
+                           num_gt=args.dap_num_gt, neg_topk=args.dap_neg_topk)
+    criterion.to(torch.device(args.device))
+    return model, criterion, {"bbox": PostProcess(categories)}

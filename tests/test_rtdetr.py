@@ -1,0 +1,662 @@
+"""RT-DETR: state-dict compatibility with the released R50 checkpoint (UPSTREAM_FACTS 3.7),
+forward shapes with and without denoising, the denoising groups and their attention mask,
+the varifocal / focal losses and the matcher against hand computations, post-processing and
+the category-id <-> label mapping, the data pipelines, the EMA, the loss / flag combinations,
+and training end to end on the synthetic dataset."""
+import argparse
+import io
+import itertools
+import json
+import math
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import main
+from datasets.coco import CocoDetection, ConvertCocoAnnotations
+from datasets.rtdetr_transforms import (COCO_CATEGORY_IDS, category_ids, make_rtdetr_transforms,
+                                        scaled_size)
+from engine import evaluate
+from models import build_model
+from models.denoising import contrastive_denoising_groups, denoising_attn_mask, denoising_match_indices
+from models.ema import ModelEMA
+from models.rtdetr import PostProcess, add_rtdetr_args, rtdetr_param_groups
+from util.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
+from util.checkpoint import load_checkpoint, model_state_from_checkpoint
+from util.errors import UserInputError
+from util.misc import collate_fn, inverse_sigmoid
+
+TINY_RTDETR_FLAGS = [
+    "--model", "rtdetr", "--device", "cpu", "--backbone", "presnet18vd", "--no_pretrained_backbone",
+    "--hidden_dim", "32", "--dim_feedforward", "64", "--nheads", "2", "--enc_layers", "1",
+    "--dec_layers", "2", "--num_queries", "16", "--num_denoising", "8", "--input_scale", "0.1",
+    "--num_workers", "0", "--print_freq", "5", "--batch_size", "2",
+]
+
+
+def parser():
+    p = argparse.ArgumentParser(parents=[main.get_args_parser()])
+    try:
+        add_rtdetr_args(p)
+    except argparse.ArgumentError:
+        pass  # main.get_args_parser() already has them
+    return p
+
+
+def parse(flags):
+    return main.parse_args(parser(), flags)
+
+
+def tiny_args(*flags):
+    return parse(TINY_RTDETR_FLAGS + list(flags))
+
+
+def build_tiny(*flags):
+    torch.manual_seed(0)
+    return build_model(tiny_args(*flags))
+
+
+def targets_example():
+    return [{"labels": torch.tensor([3, 0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]])},
+            {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.5]])}]
+
+
+# ----------------------------------------------------------------------------- state dict
+
+def expected_r50_state_dict():
+    """Key -> shape of rtdetr_r50vd_6x_coco_from_paddle.pth ['ema']['module'], written out from
+    UPSTREAM_FACTS 3.7."""
+    sd = {}
+
+    def norm(prefix, c, tracked):
+        sd.update({f"{prefix}.{b}": (c,) for b in ("weight", "bias", "running_mean", "running_var")})
+        if tracked:
+            sd[f"{prefix}.num_batches_tracked"] = ()
+
+    def conv_norm(prefix, shape, tracked=True):
+        sd[f"{prefix}.conv.weight"] = shape
+        norm(f"{prefix}.norm", shape[0], tracked)
+
+    def linear(prefix, out, inp):
+        sd[f"{prefix}.weight"], sd[f"{prefix}.bias"] = (out, inp), (out,)
+
+    def layer_norm(prefix, c):
+        sd[f"{prefix}.weight"], sd[f"{prefix}.bias"] = (c,), (c,)
+
+    def self_attn(prefix):
+        sd.update({f"{prefix}.in_proj_weight": (768, 256), f"{prefix}.in_proj_bias": (768,)})
+        linear(f"{prefix}.out_proj", 256, 256)
+
+    # backbone: frozen batch norm (no num_batches_tracked)
+    for name, shape in [("conv1_1", (32, 3, 3, 3)), ("conv1_2", (32, 32, 3, 3)), ("conv1_3", (64, 32, 3, 3))]:
+        conv_norm(f"backbone.conv1.{name}", shape, tracked=False)
+    ch_in = 64
+    for stage, (width, blocks) in enumerate(zip([64, 128, 256, 512], [3, 4, 6, 3])):
+        for b in range(blocks):
+            p = f"backbone.res_layers.{stage}.blocks.{b}"
+            cin = ch_in if b == 0 else 4 * width
+            conv_norm(f"{p}.branch2a", (width, cin, 1, 1), tracked=False)
+            conv_norm(f"{p}.branch2b", (width, width, 3, 3), tracked=False)
+            conv_norm(f"{p}.branch2c", (4 * width, width, 1, 1), tracked=False)
+            if b == 0:
+                short = f"{p}.short" if stage == 0 else f"{p}.short.conv"
+                conv_norm(short, (4 * width, cin, 1, 1), tracked=False)
+        ch_in = 4 * width
+
+    # decoder
+    for i in range(3):
+        conv_norm(f"decoder.input_proj.{i}", (256, 256, 1, 1))
+    for n in range(6):
+        p = f"decoder.decoder.layers.{n}"
+        self_attn(f"{p}.self_attn")
+        linear(f"{p}.cross_attn.sampling_offsets", 192, 256)
+        linear(f"{p}.cross_attn.attention_weights", 96, 256)
+        linear(f"{p}.cross_attn.value_proj", 256, 256)
+        linear(f"{p}.cross_attn.output_proj", 256, 256)
+        for k in (1, 2, 3):
+            layer_norm(f"{p}.norm{k}", 256)
+        linear(f"{p}.linear1", 1024, 256)
+        linear(f"{p}.linear2", 256, 1024)
+    sd["decoder.denoising_class_embed.weight"] = (81, 256)
+    linear("decoder.query_pos_head.layers.0", 512, 4)
+    linear("decoder.query_pos_head.layers.1", 256, 512)
+    linear("decoder.enc_output.0", 256, 256)
+    layer_norm("decoder.enc_output.1", 256)
+    linear("decoder.enc_score_head", 80, 256)
+    for head in ["decoder.enc_bbox_head"] + [f"decoder.dec_bbox_head.{n}" for n in range(6)]:
+        linear(f"{head}.layers.0", 256, 256)
+        linear(f"{head}.layers.1", 256, 256)
+        linear(f"{head}.layers.2", 4, 256)
+    for n in range(6):
+        linear(f"decoder.dec_score_head.{n}", 80, 256)
+
+    # encoder: plain batch norm
+    for i, c in enumerate([512, 1024, 2048]):
+        sd[f"encoder.input_proj.{i}.0.weight"] = (256, c, 1, 1)
+        norm(f"encoder.input_proj.{i}.1", 256, tracked=True)
+    p = "encoder.encoder.0.layers.0"
+    self_attn(f"{p}.self_attn")
+    linear(f"{p}.linear1", 1024, 256)
+    linear(f"{p}.linear2", 256, 1024)
+    layer_norm(f"{p}.norm1", 256)
+    layer_norm(f"{p}.norm2", 256)
+    for i in range(2):
+        conv_norm(f"encoder.lateral_convs.{i}", (256, 256, 1, 1))
+        conv_norm(f"encoder.downsample_convs.{i}", (256, 256, 3, 3))
+        for blocks in ("fpn_blocks", "pan_blocks"):
+            conv_norm(f"encoder.{blocks}.{i}.conv1", (256, 512, 1, 1))
+            conv_norm(f"encoder.{blocks}.{i}.conv2", (256, 512, 1, 1))
+            for b in range(3):
+                conv_norm(f"encoder.{blocks}.{i}.bottlenecks.{b}.conv1", (256, 256, 3, 3))
+                conv_norm(f"encoder.{blocks}.{i}.bottlenecks.{b}.conv2", (256, 256, 1, 1))
+    return sd
+
+
+@pytest.fixture(scope="module")
+def r50():
+    torch.manual_seed(0)
+    return build_model(parse(["--model", "rtdetr", "--device", "cpu", "--no_pretrained_backbone"]))[0]
+
+
+def test_r50_state_dict_matches_released_checkpoint(r50):
+    own = {k: tuple(v.shape) for k, v in r50.state_dict().items()}
+    expected = expected_r50_state_dict()
+    assert sorted(set(own) - set(expected)) == [] and sorted(set(expected) - set(own)) == []
+    assert {k: v for k, v in own.items() if v != expected[k]} == {}
+    # Upstream's order of the top-level modules, and its parameter count (42M).
+    prefixes = [k.split(".")[0] for k in own]
+    assert [p for i, p in enumerate(prefixes) if i == 0 or p != prefixes[i - 1]] == ["backbone", "decoder", "encoder"]
+    assert sum(p.numel() for p in r50.parameters()) == pytest.approx(42.9e6, rel=0.01)
+    # Only the stem is frozen (R50): the backbone's other convolutions train.
+    frozen = {n for n, p in r50.named_parameters() if not p.requires_grad}
+    assert frozen == {f"backbone.conv1.conv1_{i}.conv.weight" for i in (1, 2, 3)}
+
+
+def test_released_checkpoint_layout_loads_strictly(r50):
+    """A checkpoint in the released layout ({'ema': {'module': ...}}, BN counters included)
+    loads with strict=True, and the weights arrive."""
+    g = torch.Generator().manual_seed(1)
+    state = {k: (torch.randint(0, 9, v.shape, generator=g) if v.dtype == torch.int64
+                 else torch.randn(v.shape, generator=g)) for k, v in r50.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save({"ema": {"module": state, "updates": 10, "warmups": 2000}}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    model = build_model(parse(["--model", "rtdetr", "--device", "cpu", "--no_pretrained_backbone"]))[0]
+    model.load_state_dict(model_state_from_checkpoint(checkpoint), strict=True)
+    for k in ("backbone.res_layers.2.blocks.5.branch2b.norm.running_var", "decoder.dec_score_head.5.bias",
+              "encoder.encoder.0.layers.0.self_attn.in_proj_weight"):
+        assert torch.equal(model.state_dict()[k], state[k])
+
+
+@pytest.mark.parametrize("backbone, dec_layers, keys, millions", [
+    # R18/R34: basic blocks with real batch norm; CSP expansion 0.5 adds conv3.
+    ("presnet18vd", 3, {"backbone.res_layers.0.blocks.0.short.conv.weight": (64, 64, 1, 1),
+                        "backbone.res_layers.1.blocks.0.short.conv.conv.weight": (128, 64, 1, 1),
+                        "backbone.res_layers.0.blocks.1.branch2b.norm.num_batches_tracked": (),
+                        "encoder.fpn_blocks.0.conv1.conv.weight": (128, 512, 1, 1),
+                        "encoder.fpn_blocks.0.conv3.conv.weight": (256, 128, 1, 1),
+                        "encoder.input_proj.2.0.weight": (256, 512, 1, 1)}, 20),
+    ("presnet101vd", 6, {"backbone.res_layers.2.blocks.22.branch2c.conv.weight": (1024, 256, 1, 1),
+                         "encoder.encoder.0.layers.0.linear1.weight": (2048, 384),
+                         "decoder.input_proj.0.conv.weight": (256, 384, 1, 1)}, 76),
+])
+def test_backbone_variants(backbone, dec_layers, keys, millions):
+    model = build_model(parse(["--model", "rtdetr", "--device", "cpu", "--no_pretrained_backbone",
+                               "--backbone", backbone, "--dec_layers", str(dec_layers)]))[0]
+    sd = model.state_dict()
+    assert {k: tuple(sd[k].shape) for k in keys} == keys
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.7)
+
+
+# ----------------------------------------------------------------------------- forward
+
+def test_forward_shapes_train_and_eval():
+    model, _, _ = build_tiny("--no_multi_scale")
+    targets = targets_example()
+    x = torch.rand(2, 3, 64, 64)
+    model.train()
+    out = model(x, targets)
+    # max 2 ground truths, --num_denoising 8: 8 // 2 = 4 groups of 2 positives + 2 negatives
+    num_classes = len(COCO_CATEGORY_IDS)
+    assert out["pred_logits"].shape == (2, 16, num_classes) and out["pred_boxes"].shape == (2, 16, 4)
+    assert [tuple(a["pred_logits"].shape) for a in out["aux_outputs"]] == [(2, 16, num_classes)]
+    assert out["enc_outputs"]["pred_boxes"].shape == (2, 16, 4)
+    assert [tuple(a["pred_boxes"].shape) for a in out["dn_aux_outputs"]] == [(2, 16, 4)] * 2
+    assert out["dn_meta"]["dn_num_split"] == [16, 16] and out["dn_meta"]["dn_num_group"] == 4
+    for boxes in [out["pred_boxes"], out["enc_outputs"]["pred_boxes"], out["dn_aux_outputs"][1]["pred_boxes"]]:
+        assert ((boxes >= 0) & (boxes <= 1)).all()
+
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    assert set(out) == {"pred_logits", "pred_boxes"} and out["pred_logits"].shape == (2, 16, num_classes)
+
+    model.train()
+    with pytest.raises(ValueError, match="needs the targets"):
+        model(x)
+
+
+def test_denoising_queries_are_invisible_to_the_matching_queries():
+    """The attention mask keeps the matching queries' outputs independent of the denoising
+    queries: other ground truth, same matching outputs."""
+    model, _, _ = build_tiny("--no_multi_scale")
+    model.train()
+    x = torch.rand(2, 3, 64, 64)
+    other = [{"labels": torch.tensor([7]), "boxes": torch.tensor([[0.2, 0.2, 0.1, 0.1]])},
+             {"labels": torch.tensor([2, 5, 9]),
+              "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.4, 0.6, 0.3, 0.1], [0.7, 0.3, 0.2, 0.3]])}]
+    a = model(x, targets_example())
+    b = model(x, other)
+    assert a["dn_aux_outputs"][0]["pred_boxes"].shape != b["dn_aux_outputs"][0]["pred_boxes"].shape
+    torch.testing.assert_close(a["pred_logits"], b["pred_logits"])
+    torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"])
+
+
+def test_multi_scale_resizes_training_batches_only():
+    model, _, _ = build_tiny()
+    seen = []
+    model.backbone.register_forward_hook(lambda m, inputs, out: seen.append(tuple(inputs[0].shape[-2:])))
+    assert model.multi_scale == [scaled_size(s, 0.1) for s in (480, 512, 544, 576, 608, 640, 640, 640, 672,
+                                                               704, 736, 768, 800)]
+    model.multi_scale = [32]
+    model.train()
+    model(torch.rand(2, 3, 64, 64), targets_example())
+    model.eval()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 64, 64))
+    assert seen == [(32, 32), (64, 64)]
+    assert build_tiny("--no_multi_scale")[0].multi_scale is None
+    assert build_tiny("--no_train_augmentation")[0].multi_scale is None
+
+
+# ----------------------------------------------------------------------------- denoising
+
+def test_denoising_groups_layout_and_mask():
+    targets = [{"labels": torch.tensor([4]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])},
+               {"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.6, 0.5, 0.2, 0.4]])}]
+    embed = torch.nn.Embedding(6, 3, padding_idx=5)
+    dn = contrastive_denoising_groups(targets, num_classes=5, num_queries=3, class_embed=embed, num_denoising=9,
+                                      label_noise_ratio=0.0, box_noise_scale=0.0)
+    # max 2 ground truths -> 9 // 2 = 4 groups of 2 positives + 2 negatives = 16 queries
+    assert dn.meta["dn_num_group"] == 4 and dn.meta["dn_num_split"] == [16, 3]
+    assert [p.tolist() for p in dn.meta["dn_positive_idx"]] == [[0, 4, 8, 12], [0, 1, 4, 5, 8, 9, 12, 13]]
+    # Without noise the queries are the ground truth itself, padding is class 5 (the zero row).
+    labels_0 = [4, 5, 4, 5] * 4
+    labels_1 = [1, 2, 1, 2] * 4
+    torch.testing.assert_close(dn.class_embeds, embed(torch.tensor([labels_0, labels_1])))
+    assert torch.equal(dn.class_embeds[0, 1], torch.zeros(3))
+    torch.testing.assert_close(dn.boxes_unact[1, 2:4].sigmoid(), targets[1]["boxes"], atol=1e-6, rtol=0)
+    assert torch.equal(denoising_match_indices(dn.meta, targets)[1][1], torch.tensor([0, 1] * 4))
+
+    # Hand-built mask for 2 groups of size 2 and 2 matching queries: True = blocked.
+    F, T = False, True
+    expected = torch.tensor([[F, F, T, T, F, F],
+                             [F, F, T, T, F, F],
+                             [T, T, F, F, F, F],
+                             [T, T, F, F, F, F],
+                             [T, T, T, T, F, F],
+                             [T, T, T, T, F, F]])
+    assert torch.equal(denoising_attn_mask(4, 2, 2), expected)
+    assert dn.attn_mask.shape == (19, 19) and dn.attn_mask[16:, :16].all() and not dn.attn_mask[:, 16:].any()
+
+
+def test_denoising_noise_magnitudes():
+    """Box corners move by less than half the box size (x scale) for positives and by one to
+    two times that for negatives; labels flip with probability ratio / 2."""
+    torch.manual_seed(0)
+    box = torch.tensor([0.5, 0.5, 0.2, 0.2])
+    targets = [{"labels": torch.zeros(50, dtype=torch.int64), "boxes": box.repeat(50, 1)}]
+    embed = torch.nn.Embedding(11, 4, padding_idx=10)
+    dn = contrastive_denoising_groups(targets, num_classes=10, num_queries=1, class_embed=embed, num_denoising=100,
+                                      label_noise_ratio=0.5, box_noise_scale=1.0)
+    noised = dn.boxes_unact.sigmoid()[0]
+    shift = (box_cxcywh_to_xyxy(noised) - box_cxcywh_to_xyxy(box)).abs() / 0.1  # [200, 4]
+    # A negative's corners can cross (x1 < x0): its width becomes ~0 and its corners are lost.
+    intact = (noised[:, 2:] > 1e-3).all(-1).view(2, 2, 50)
+    # 2 groups, each 50 positives then 50 negatives
+    (positives, negatives), (pos_intact, neg_intact) = shift.view(2, 2, 50, 4).unbind(1), intact.unbind(1)
+    assert pos_intact.all() and neg_intact.sum() > 20
+    negatives = negatives[neg_intact]
+    assert (positives < 1 + 1e-4).all() and (negatives > 1 - 1e-4).all() and (negatives < 2 + 1e-4).all()
+    # labels: 25 % replaced by a random class (itself 1 in 10 times) -> about 22.5 % differ
+    changed = (dn.class_embeds[0] != embed.weight[0]).any(-1).float().mean()
+    assert 0.1 < changed < 0.35
+
+
+def test_no_ground_truth_gives_empty_denoising_and_zero_losses():
+    model, criterion, _ = build_tiny("--no_multi_scale")
+    model.train()
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
+    out = model(torch.rand(2, 3, 64, 64), empty)
+    assert out["dn_meta"]["dn_num_split"] == [0, 16] and out["dn_aux_outputs"][0]["pred_boxes"].shape == (2, 0, 4)
+    losses = criterion(out, empty)
+    assert set(losses) == set(criterion.weight_dict)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(v == 0 for k, v in losses.items() if "_dn_" in k)
+    sum(losses[k] * w for k, w in criterion.weight_dict.items()).backward()
+    # every parameter takes part (no unused parameters for DDP), the denoising embedding included
+    assert model.decoder.denoising_class_embed.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- criterion
+
+def bce(x, t):
+    return math.log1p(math.exp(x)) - x * t
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_vfl_and_focal_against_hand_computation():
+    _, criterion, _ = build_tiny()
+    logits = torch.tensor([[[0.0, 1.0], [-1.0, 2.0]]])
+    outputs = {"pred_logits": logits,
+               "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]]])}
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.55, 0.5, 0.2, 0.2]])}]
+    indices = [(torch.tensor([0]), torch.tensor([0]))]
+    iou = (0.15 * 0.2) / (0.04 + 0.04 - 0.15 * 0.2)  # = 0.6
+    # (query 0, class 1) is the positive: target iou, weight iou; the rest: target 0, weight 0.75 p^2
+    expected = (0.75 * sigmoid(0.0) ** 2 * bce(0.0, 0) + iou * bce(1.0, iou)
+                + 0.75 * sigmoid(-1.0) ** 2 * bce(-1.0, 0) + 0.75 * sigmoid(2.0) ** 2 * bce(2.0, 0)) / 2.0
+    vfl = criterion.loss_vfl(outputs, targets, indices, num_boxes=2.0)["loss_vfl"]
+    assert vfl.item() == pytest.approx(expected, rel=1e-5)
+
+    def focal(x, t):
+        p = sigmoid(x)
+        p_t = p if t else 1 - p
+        return (0.75 if t else 0.25) * (1 - p_t) ** 2 * bce(x, t)
+    expected = (focal(0.0, 0) + focal(1.0, 1) + focal(-1.0, 0) + focal(2.0, 0)) / 2.0
+    assert criterion.loss_focal(outputs, targets, indices, 2.0)["loss_focal"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_matcher_is_the_focal_hungarian_with_rtdetr_costs():
+    """Brute force over every assignment of 2 targets among 4 queries with RT-DETR's cost:
+    2 * focal class cost (alpha 0.25, gamma 2) + 5 * L1 + 2 * (-GIoU)."""
+    _, criterion, _ = build_tiny()
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 4, 5, generator=g)
+    boxes = torch.rand(1, 4, 2, generator=g) * 0.5 + 0.25
+    boxes = torch.cat([boxes, torch.rand(1, 4, 2, generator=g) * 0.3 + 0.1], -1)
+    target = {"labels": torch.tensor([2, 4]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.2], [0.6, 0.6, 0.2, 0.3]])}
+
+    def cost(q, t):
+        p = torch.sigmoid(logits[0, q, target["labels"][t]]).item()
+        cls = 0.25 * (1 - p) ** 2 * -math.log(p + 1e-8) - 0.75 * p ** 2 * -math.log(1 - p + 1e-8)
+        l1 = (boxes[0, q] - target["boxes"][t]).abs().sum().item()
+        giou = generalized_box_iou(box_cxcywh_to_xyxy(boxes[0, q:q + 1]),
+                                   box_cxcywh_to_xyxy(target["boxes"][t:t + 1])).item()
+        return 2 * cls + 5 * l1 - 2 * giou
+
+    best = min(itertools.permutations(range(4), 2), key=lambda qs: sum(cost(q, t) for t, q in enumerate(qs)))
+    (src, tgt), = criterion.matcher({"pred_logits": logits, "pred_boxes": boxes}, [target])
+    assert dict(zip(tgt.tolist(), src.tolist())) == dict(enumerate(best))
+
+
+@pytest.mark.parametrize("flags, enc_cls, dap", [
+    ([], "loss_vfl", False),
+    (["--no_iou_aware_query_selection"], "loss_focal", False),
+    (["--loss", "raw+dap"], "loss_vfl", True),
+    (["--loss", "raw+dap", "--no_iou_aware_query_selection"], "loss_focal", True),
+    (["--loss", "dap", "--no_iou_aware_query_selection"], None, True),
+])
+def test_loss_keys_per_configuration(flags, enc_cls, dap):
+    model, criterion, _ = build_tiny("--no_multi_scale", *flags)
+    model.train()
+    targets = targets_example()
+    losses = criterion(model(torch.rand(2, 3, 64, 64), targets), targets)
+    weighted = {k for k in losses if k in criterion.weight_dict}
+    assert weighted == set(criterion.weight_dict)
+    raw = enc_cls is not None
+    # 2 decoder layers: final + _aux_0; the encoder's selection is _aux_1; denoising _dn_0, _dn_1
+    expected = {f"loss_{n}_dn_{i}" for n in ("vfl", "bbox", "giou") for i in range(2)}
+    if raw:
+        expected |= {f"loss_{n}{s}" for n in ("vfl", "bbox", "giou") for s in ("", "_aux_0")}
+        expected |= {f"{enc_cls}_aux_1", "loss_bbox_aux_1", "loss_giou_aux_1"}
+    if dap:
+        expected |= {"loss_dap", "loss_dap_aux_0", "loss_dap_aux_1"}
+    assert weighted == expected
+    assert (("dap_value" in losses) == dap) and all(torch.isfinite(v) for v in losses.values())
+    w = criterion.weight_dict
+    assert all(w[k] == {"vfl": 1, "foc": 1, "bbo": 5, "gio": 2, "dap": 1}[k[5:8]] for k in w)
+
+
+def test_dap_with_iou_aware_query_selection_is_refused():
+    with pytest.raises(UserInputError, match="--no_iou_aware_query_selection"):
+        build_tiny("--loss", "dap")
+
+
+def test_param_groups():
+    model, _, _ = build_tiny()
+    args = tiny_args()
+    groups = rtdetr_param_groups(model, args)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+
+    def group(name):
+        g = by_param[id(named[name])]
+        return g.get("lr", args.lr), g.get("weight_decay", args.weight_decay)
+
+    assert group("backbone.res_layers.1.blocks.0.branch2a.conv.weight") == (1e-5, 1e-4)
+    assert group("backbone.res_layers.1.blocks.0.branch2a.norm.weight") == (1e-5, 0.0)  # R18: real BN
+    assert group("encoder.lateral_convs.0.norm.weight") == (1e-4, 0.0)
+    assert group("encoder.input_proj.0.1.weight") == (1e-4, 1e-4)  # upstream's regex misses it
+    assert group("encoder.input_proj.0.1.bias") == (1e-4, 0.0)
+    assert group("decoder.decoder.layers.0.norm1.weight") == (1e-4, 0.0)
+    assert group("decoder.dec_bbox_head.0.layers.0.bias") == (1e-4, 0.0)
+    assert group("decoder.dec_bbox_head.0.layers.0.weight") == (1e-4, 1e-4)
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+# ----------------------------------------------------------------------------- post-processing, labels
+
+def test_postprocess_top_k_category_ids_and_sizes():
+    post = PostProcess(category_ids=[3, 7, 20])
+    logits = torch.full((1, 2, 3), -10.0)
+    logits[0, 1, 2] = 2.0  # best: query 1, label 2 -> category 20
+    logits[0, 0, 0] = 1.0  # second: query 0, label 0 -> category 3
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.75, 0.5, 0.5]]])
+    (r,) = post({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))  # (h, w)
+    assert len(r["scores"]) == 6 and r["labels"][:2].tolist() == [20, 3]
+    torch.testing.assert_close(r["scores"][:2], torch.sigmoid(torch.tensor([2.0, 1.0])))
+    torch.testing.assert_close(r["boxes"][:2], torch.tensor([[0.0, 50.0, 100.0, 100.0], [80.0, 30.0, 120.0, 70.0]]))
+
+
+def test_category_ids_from_annotations(synthetic_coco, tmp_path):
+    path, _ = synthetic_coco
+    ids = category_ids(argparse.Namespace(coco_path=path))
+    with open(os.path.join(path, "annotations", "instances_val2017.json")) as f:
+        assert list(ids) == sorted(c["id"] for c in json.load(f)["categories"])
+    assert category_ids(argparse.Namespace(coco_path=None)) == COCO_CATEGORY_IDS and len(COCO_CATEGORY_IDS) == 80
+    with pytest.raises(UserInputError, match="does not exist"):
+        category_ids(argparse.Namespace(coco_path=str(tmp_path)))
+    # The model classifies the dataset's categories; --num_classes (largest id + 1) must agree.
+    _, criterion, post = build_model(tiny_args("--coco_path", path))
+    assert criterion.num_classes == len(ids) and post["bbox"].category_ids.tolist() == list(ids)
+    with pytest.raises(UserInputError, match="--num_classes"):
+        build_model(tiny_args("--coco_path", path, "--num_classes", str(max(ids) + 3)))
+
+
+def sample_image_and_target(w=120, h=80):
+    g = torch.Generator().manual_seed(0)
+    image = Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+    annotations = [{"bbox": [10, 20, 40, 30], "category_id": 13, "area": 1200.0},
+                   {"bbox": [60, 10, 50, 60], "category_id": 2, "area": 3000.0}]
+    return ConvertCocoAnnotations()(image, {"image_id": 5, "annotations": annotations})
+
+
+def test_val_pipeline():
+    image, target = sample_image_and_target()
+    transform = make_rtdetr_transforms("val", argparse.Namespace(input_scale=0.1, coco_path=None))
+    img, out = transform(image, target)
+    # 640 * 0.1 -> 64 px square, [0, 1] without mean/std, same keys as the DETR pipeline
+    assert img.shape == (3, 64, 64) and type(img) is torch.Tensor and 0 <= img.min() and img.max() <= 1
+    assert set(out) == set(target) and out["size"].tolist() == [64, 64] and out["orig_size"].tolist() == [80, 120]
+    expected = box_xyxy_to_cxcywh(target["boxes"]) / torch.tensor([120, 80, 120, 80])
+    torch.testing.assert_close(out["boxes"], expected)  # a square resize keeps normalised boxes
+    assert out["labels"].tolist() == [COCO_CATEGORY_IDS.index(13), COCO_CATEGORY_IDS.index(2)]
+    assert out["image_id"].tolist() == [5] and out["iscrowd"].tolist() == [0, 0]
+    torch.testing.assert_close(out["area"], expected[:, 2] * expected[:, 3] * 64 * 64)
+
+    image, target = sample_image_and_target()
+    target["labels"][0] = 12  # not a COCO detection category
+    with pytest.raises(UserInputError, match=r"category id\(s\) \[12\]"):
+        transform(image, target)
+
+
+def test_train_pipeline_invariants():
+    transform = make_rtdetr_transforms("train", argparse.Namespace(input_scale=0.1, coco_path=None))
+    shapes_changed = False
+    for seed in range(12):
+        torch.manual_seed(seed)
+        image, target = sample_image_and_target()
+        img, out = transform(image, target)
+        assert img.shape == (3, 64, 64) and img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
+        n = len(out["labels"])
+        assert out["boxes"].shape == (n, 4) and len(out["area"]) == n and len(out["iscrowd"]) == n
+        xyxy = box_cxcywh_to_xyxy(out["boxes"])
+        assert (xyxy >= -1e-6).all() and (xyxy <= 1 + 1e-6).all() and (out["boxes"][:, 2:] > 0).all()
+        assert set(out["labels"].tolist()) <= {COCO_CATEGORY_IDS.index(13), COCO_CATEGORY_IDS.index(2)}
+        shapes_changed |= not torch.allclose(out["boxes"], box_xyxy_to_cxcywh(target["boxes"]) /
+                                             torch.tensor([120, 80, 120, 80])) if n == 2 else True
+    assert shapes_changed  # the augmentations did something
+
+
+# ----------------------------------------------------------------------------- EMA
+
+def test_ema_update_arithmetic():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = ModelEMA(model, decay=0.9, warmups=2)
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    model.train()
+    model(torch.randn(4, 2))  # moves the BN statistics and its counter
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    d = 0.9 * (1 - math.exp(-1 / 2))
+    assert ema.current_decay() == pytest.approx(d)
+    for k, v in ema.module.state_dict().items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(v, d * start[k] + (1 - d) * model.state_dict()[k])
+    assert ema.module[1].num_batches_tracked.item() == 0  # integer buffers are not averaged
+    assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+    previous = ema.module[0].weight.clone()
+    ema.update(model)
+    d2 = 0.9 * (1 - math.exp(-2 / 2))
+    torch.testing.assert_close(ema.module[0].weight, d2 * previous + (1 - d2) * model[0].weight)
+    assert ema.updates == 2
+
+
+def test_ema_checkpoint_round_trip():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = ModelEMA(model)
+    for _ in range(3):
+        with torch.no_grad():
+            model[0].weight.add_(0.5)
+        ema.update(model)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    assert checkpoint["ema"]["updates"] == 3 and checkpoint["ema"]["warmups"] == 2000
+
+    restored = ModelEMA(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)))
+    restored.load_state_dict(checkpoint["ema"])
+    assert restored.updates == 3 and restored.current_decay() == ema.current_decay()
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(restored.module.state_dict()[k], v)
+    assert not torch.equal(restored.module[0].weight, model[0].weight)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_train_steps_then_shared_evaluation_with_ema(synthetic_coco):
+    """The pieces main.py wires together: the synthetic COCO dataset through the RT-DETR
+    pipelines, a few optimizer steps with EMA updates, then engine.evaluate on the EMA model,
+    whose detections carry the dataset's category ids."""
+    path, _ = synthetic_coco
+    args = tiny_args("--coco_path", path)
+    torch.manual_seed(0)
+    model, criterion, postprocessors = build_model(args)
+    root = os.path.join(path, "{}2017"), os.path.join(path, "annotations", "instances_{}2017.json")
+    train = CocoDetection(root[0].format("train"), root[1].format("train"), make_rtdetr_transforms("train", args))
+    val = CocoDetection(root[0].format("val"), root[1].format("val"), make_rtdetr_transforms("val", args))
+    optimizer = torch.optim.AdamW(rtdetr_param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
+    ema = ModelEMA(model, decay=args.ema_decay, warmups=args.ema_warmups)
+    loader = torch.utils.data.DataLoader(train, batch_size=2, shuffle=True, collate_fn=collate_fn)
+    model.train()
+    criterion.train()
+    for samples, targets in loader:
+        losses = criterion(model(samples, targets), targets)
+        loss = sum(losses[k] * w for k, w in criterion.weight_dict.items())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
+        optimizer.step()
+        ema.update(model)
+    assert ema.updates == 4
+    assert not torch.equal(ema.module.decoder.enc_score_head.weight, model.decoder.enc_score_head.weight)
+
+    val_loader = torch.utils.data.DataLoader(val, batch_size=2, collate_fn=collate_fn)
+    detections = []
+    postprocessors["bbox"].register_forward_hook(lambda m, i, out: detections.extend(out))
+    stats, _ = evaluate(ema.module, criterion, postprocessors, val_loader, val.coco, "cpu")
+    assert len(stats["coco_eval_bbox"]) == 12 and math.isfinite(stats["loss"])
+    assert len(detections) == 4
+    assert {int(c) for d in detections for c in d["labels"]} <= set(val.coco.getCatIds())
+
+
+# These run through main.main and need the lead's wiring (report): add_rtdetr_args in the parser,
+# the RT-DETR pipelines in datasets/coco.py, model(samples, targets) in training, and the EMA.
+needs_wiring = pytest.mark.xfail(reason="needs main/engine/datasets wiring for RT-DETR", strict=False)
+
+
+def run(flags):
+    args = parse(flags)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return main.main(args)
+
+
+def data_flags(synthetic_coco):
+    return TINY_RTDETR_FLAGS + ["--coco_path", synthetic_coco[0]]
+
+
+@needs_wiring
+@pytest.mark.parametrize("flags", [
+    [], ["--no_iou_aware_query_selection"], ["--loss", "raw+dap"],
+    ["--loss", "raw+dap", "--no_iou_aware_query_selection"], ["--loss", "dap", "--no_iou_aware_query_selection"],
+])
+def test_main_trains_each_configuration(synthetic_coco, flags):
+    stats = run(data_flags(synthetic_coco) + flags + ["--epochs", "1"])
+    assert len(stats["test_coco_eval_bbox"]) == 12 and math.isfinite(stats["train_loss"])
+    assert ("train_loss_dap" in stats) == ("dap" in " ".join(flags))
+    assert "train_loss_vfl_dn_1" in stats
+
+
+@needs_wiring
+def test_main_train_checkpoint_resume_evaluate(synthetic_coco, tmp_path):
+    flags = data_flags(synthetic_coco)
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    run(flags + ["--output_dir", straight, "--epochs", "2"])
+    ckpt = load_checkpoint(os.path.join(straight, "checkpoint.pth"))
+    assert {"model", "ema", "optimizer", "lr_scheduler", "epoch"} <= set(ckpt)
+    assert ckpt["ema"]["updates"] == 8  # 4 steps per epoch
+    assert any(not torch.equal(ckpt["ema"]["module"][k], v) for k, v in ckpt["model"].items())
+
+    run(flags + ["--output_dir", interrupted, "--epochs", "1"])
+    run(flags + ["--output_dir", interrupted, "--epochs", "2", "--resume", os.path.join(interrupted, "checkpoint.pth")])
+    resumed = load_checkpoint(os.path.join(interrupted, "checkpoint.pth"))
+    for part in ("model", ("ema", "module")):
+        a, b = (ckpt[part], resumed[part]) if isinstance(part, str) else (ckpt[part[0]][part[1]], resumed[part[0]][part[1]])
+        for key, value in a.items():
+            assert torch.equal(value, b[key]), key
+
+    # --eval evaluates the EMA weights and reproduces the last logged evaluation.
+    with open(os.path.join(straight, "log.txt")) as f:
+        last = json.loads(f.read().splitlines()[-1])
+    stats = run(flags + ["--eval", "--resume", os.path.join(straight, "checkpoint.pth")])
+    assert stats["coco_eval_bbox"] == pytest.approx(last["test_coco_eval_bbox"])
