@@ -1,4 +1,5 @@
 """One training epoch and one COCO evaluation pass; used by main.py."""
+import contextlib
 import math
 import sys
 
@@ -22,36 +23,62 @@ def loss_log_values(loss_dict, weight_dict):
     return sum(scaled.values()), {**scaled, **unscaled, **unweighted}
 
 
-def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0, print_freq=10):
+class AccumulationSteps:
+    """The loader's batches grouped by optimisation step: lists of accum_iter micro-batches
+    (the last step of an epoch may hold fewer)."""
+
+    def __init__(self, data_loader, accum_iter):
+        self.data_loader, self.accum_iter = data_loader, accum_iter
+
+    def __len__(self):
+        return math.ceil(len(self.data_loader) / self.accum_iter)
+
+    def __iter__(self):
+        step = []
+        for batch in self.data_loader:
+            step.append(batch)
+            if len(step) == self.accum_iter:
+                yield step
+                step = []
+        if step:
+            yield step
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0, print_freq=10,
+                    accum_iter=1):
+    """One epoch; each optimisation step accumulates the gradients of accum_iter batches.
+    The criterion normalises every micro-batch by the totals of the whole step, so the step's
+    gradient is that of one batch holding all its images (see SetCriterion.forward)."""
     model.train()
     criterion.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
 
-    for samples, targets in metric_logger.log_every(data_loader, print_freq, header):
-        samples = samples.to(device)
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-
-        outputs = model(samples)
-        loss_dict = criterion(outputs, targets)
-        losses = weighted_loss(loss_dict, criterion.weight_dict)
-
-        loss_value, log_values = loss_log_values(loss_dict, criterion.weight_dict)
-        loss_value = float(loss_value)
-        if not math.isfinite(loss_value):
-            # stderr directly: on ranks other than 0, print() is silenced.
-            sys.stderr.write(f"Loss is {loss_value}, stopping training; loss terms: "
-                             f"{ {k: float(v) for k, v in log_values.items()} }\n")
-            sys.exit(1)
-
+    for step in metric_logger.log_every(AccumulationSteps(data_loader, accum_iter), print_freq, header):
+        step_targets = [[{k: v.to(device) for k, v in t.items()} for t in targets] for _, targets in step]
         optimizer.zero_grad()
-        losses.backward()
+        for i, ((samples, _), targets) in enumerate(zip(step, step_targets)):
+            # Gradients are all-reduced once per step, on its last micro-batch.
+            last = i == len(step) - 1
+            with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+                outputs = model(samples.to(device))
+                loss_dict = criterion(outputs, targets, step_targets=step_targets)
+                losses = weighted_loss(loss_dict, criterion.weight_dict)
+                (losses / len(step)).backward()
+
+            loss_value, log_values = loss_log_values(loss_dict, criterion.weight_dict)
+            loss_value = float(loss_value)
+            if not math.isfinite(loss_value):
+                # stderr directly: on ranks other than 0, print() is silenced.
+                sys.stderr.write(f"Loss is {loss_value}, stopping training; loss terms: "
+                                 f"{ {k: float(v) for k, v in log_values.items()} }\n")
+                sys.exit(1)
+            metric_logger.update(loss=loss_value, **log_values)
+
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
-
-        metric_logger.update(loss=loss_value, **log_values)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
 
     metric_logger.synchronize_between_processes()

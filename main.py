@@ -36,7 +36,10 @@ def get_args_parser():
     parser.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str,
                         nargs="+", help="Deformable DETR: parameters at lr * --lr_linear_proj_mult")
     parser.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
-    parser.add_argument("--batch_size", default=2, type=int, help="images per process (per GPU)")
+    parser.add_argument("--batch_size", default=2, type=int, help="images per process (per GPU) and micro-batch")
+    parser.add_argument("--accum_iter", default=1, type=int, help="micro-batches accumulated per optimizer step")
+    parser.add_argument("--total_batch_size", default=0, type=int,
+                        help="images per optimizer step over all processes; when set, --batch_size is derived from it")
     parser.add_argument("--weight_decay", default=1e-4, type=float)
     parser.add_argument("--epochs", default=300, type=int, help="[model]")
     parser.add_argument("--lr_drop", default=200, type=int, help="[model] StepLR step (epochs), gamma 0.1")
@@ -154,6 +157,21 @@ def check_args(args):
         args.pretrained_backbone = False
 
 
+def set_batch_size(args):
+    """Derive the per-process micro-batch from --total_batch_size (after the world size is known)."""
+    if args.accum_iter < 1:
+        raise UserInputError(f"--accum_iter must be at least 1, got {args.accum_iter}")
+    if args.total_batch_size > 0:
+        shares = args.world_size * args.accum_iter
+        if args.total_batch_size % shares:
+            raise UserInputError(
+                f"--total_batch_size {args.total_batch_size} is not divisible by {args.world_size} processes x "
+                f"--accum_iter {args.accum_iter}; change one of them")
+        args.batch_size = args.total_batch_size // shares
+    print(f"Batch: {args.batch_size} images per process x {args.world_size} processes x "
+          f"{args.accum_iter} accumulation steps = {args.batch_size * args.world_size * args.accum_iter} per step")
+
+
 def build_optimizer(model_without_ddp, args):
     """AdamW (or SGD) and StepLR with the upstream parameter groups of each detector.
 
@@ -234,6 +252,7 @@ def save_coco_eval(coco_evaluator, path):
 def main(args):
     check_args(args)
     utils.init_distributed_mode(args)
+    set_batch_size(args)
     print(utils.get_sha())
     print(args)
     device = torch.device(args.device)
@@ -293,7 +312,7 @@ def main(args):
         if args.distributed:
             sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
-                                      args.clip_max_norm, print_freq=args.print_freq)
+                                      args.clip_max_norm, print_freq=args.print_freq, accum_iter=args.accum_iter)
         lr_scheduler.step()
         if output_dir:
             save_checkpoint(output_dir / "checkpoint.pth", model_without_ddp, criterion, optimizer, lr_scheduler,

@@ -226,7 +226,9 @@ class DAPCriterionMixin:
     Each process computes its positives' share of the global DAP (the counts and G are global)
     and scales it by the number of processes: DDP's gradient average then gives exactly the
     gradient of the global DAP, and the logged average over processes is the global DAP, as
-    the upstream losses do with their box count.
+    the upstream losses do with their box count. Under gradient accumulation, G (when counted)
+    is that of the whole step, but the soft counts, hence the precision, are those of one
+    micro-batch of every process: DAP of the step = sum over micro-batches of their shares.
     """
 
     @property
@@ -248,10 +250,15 @@ class DAPCriterionMixin:
         pos_scores, pos_ious, neg_scores = gather_detections(
             outputs, targets, indices, self.dap_activation, self.dap_neg_topk)
         distributed = is_dist_avail_and_initialized()
+        # (process, micro-batch) pairs of the optimisation step: the engine divides each
+        # micro-batch's loss by their number and DDP averages over processes.
+        shares = get_world_size() * self._micro_batches
+        # G counted: the positives of the whole step (one-to-one matching pairs min(Q, T) per image).
+        num_gt = self.dap_num_gt if self.dap_num_gt is not None else self._num_matched() * shares
         terms = differentiable_ap_terms(
             pos_scores, pos_ious, neg_scores, num_bins=self.dap_num_bins, sigma=self.dap_sigma,
-            num_gt=self.dap_num_gt, reduce_counts=differentiable_all_reduce if distributed else None)
-        dap = terms.dap * get_world_size()
+            num_gt=num_gt, reduce_counts=differentiable_all_reduce if distributed else None)
+        dap = terms.dap * shares
         losses = {"loss_dap": -dap}
         if final_layer:
             precision = terms.precision.detach()

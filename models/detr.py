@@ -110,22 +110,31 @@ class BaseSetCriterion(nn.Module):
         return batch_idx, tgt_idx
 
     @staticmethod
-    def _global_mean_normaliser(local_total):
-        """A per-process total summed over processes and divided by their number."""
-        total = local_total.detach().clone()
+    def _step_mean(local_total, device, micro_batches=1):
+        """A total over this process's micro-batches of the optimisation step, summed over
+        processes and divided by the number of (process, micro-batch) pairs.
+
+        A micro-batch's loss normalised by it, divided by the number of micro-batches (engine)
+        and averaged over processes (DDP), is normalised by the total of the whole step: the
+        gradients are those of one process holding the global batch.
+        """
+        total = torch.tensor(float(local_total), dtype=torch.float64, device=device)
         if is_dist_avail_and_initialized():
             torch.distributed.all_reduce(total)
-        return total / get_world_size()
+        return (total / (get_world_size() * micro_batches)).float()
 
     @staticmethod
-    def _num_boxes(targets, device):
-        """Target boxes per process, averaged over all processes, at least 1.
+    def _num_boxes(targets, device, micro_batches=1):
+        """Target boxes per (process, micro-batch), at least 1: upstream's num_boxes, extended
+        to gradient accumulation. targets: every target of this process's step."""
+        local = sum(len(t['labels']) for t in targets)
+        return torch.clamp(BaseSetCriterion._step_mean(local, device, micro_batches), min=1).item()
 
-        Every rank divides by the same number, so the gradients DDP averages are those of the
-        global batch.
-        """
-        num_boxes = torch.as_tensor(float(sum(len(t['labels']) for t in targets)), device=device)
-        return torch.clamp(BaseSetCriterion._global_mean_normaliser(num_boxes), min=1).item()
+    def _num_matched(self):
+        """Matched queries of the step per (process, micro-batch): one-to-one matching pairs
+        min(queries, boxes) per image."""
+        local = sum(min(self._num_queries, len(t['labels'])) for t in self._step_targets)
+        return self._step_mean(local, self._device, self._micro_batches)
 
     def _layer_outputs(self, outputs, targets):
         """(key suffix, outputs, targets) of the final layer ('') and of each auxiliary layer ('_i')."""
@@ -142,11 +151,20 @@ class BaseSetCriterion(nn.Module):
             raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(loss_map)}")
         return loss_map[loss](outputs, targets, indices, num_boxes, **kwargs)
 
-    def forward(self, outputs, targets):
+    def forward(self, outputs, targets, step_targets=None):
         """outputs: the model's output dict; targets: list of dicts with 'labels' [T_i] and
         'boxes' [T_i,4] (normalised cxcywh). Returns a dict of scalar losses and log values.
+
+        step_targets: under gradient accumulation, the targets of every micro-batch of the
+        optimisation step on this process (this one included). The losses are then normalised
+        by the totals of the whole step, and the engine divides each micro-batch's loss by
+        their number. None: this batch is the whole step.
         """
-        num_boxes = self._num_boxes(targets, outputs['pred_logits'].device)
+        step_targets = step_targets or [targets]
+        self._step_targets = [t for batch in step_targets for t in batch]
+        self._micro_batches = len(step_targets)
+        self._device, self._num_queries = outputs['pred_logits'].device, outputs['pred_logits'].shape[1]
+        num_boxes = self._num_boxes(self._step_targets, self._device, self._micro_batches)
         losses = {}
         for suffix, layer_outputs, layer_targets in self._layer_outputs(outputs, targets):
             indices = self.matcher(layer_outputs, layer_targets)
@@ -176,14 +194,22 @@ class SetCriterion(BaseSetCriterion):
                                     device=src_logits.device)
         target_classes[idx] = target_classes_o
 
-        # Upstream's weighted mean, sum(w_i * ce_i) / sum(w_i), with the denominator summed over
-        # processes (like num_boxes): identical on one process, and the loss of the global batch
-        # under data parallelism instead of a mean of per-process means.
+        # Upstream's weighted mean, sum(w_i * ce_i) / sum(w_i), with sum(w_i) taken over the whole
+        # step like num_boxes: identical on one process without accumulation, and the loss of the
+        # global batch under data parallelism instead of a mean of per-process means.
         ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight, reduction='sum')
-        losses = {'loss_ce': ce / self._global_mean_normaliser(self.empty_weight[target_classes].sum())}
+        losses = {'loss_ce': ce / self._class_weight_total()}
         if log:
             losses['class_error'] = 100 - accuracy(src_logits[idx], target_classes_o)[0]
         return losses
+
+
+    def _class_weight_total(self):
+        """sum(w_i) of the step per (process, micro-batch): each image has min(queries, boxes)
+        matched queries of weight 1, and its other queries weigh eos_coef."""
+        q = self._num_queries
+        local = sum(min(q, len(t['labels'])) * (1 - self.eos_coef) + q * self.eos_coef for t in self._step_targets)
+        return self._step_mean(local, self._device, self._micro_batches)
 
 
 class DAPSetCriterion(DAPCriterionMixin, SetCriterion):

@@ -37,13 +37,14 @@ BACKBONE_PRESETS = {
     "presnet50vd": dict(expansion=1.0, width_mult=1.0, ffn_mult=1),
     "presnet101vd": dict(expansion=1.0, width_mult=1.5, ffn_mult=2),
 }
-# Parameter name prefixes of the classification heads (what --finetune_drop_class_head re-initialises).
-CLASS_HEAD_PREFIXES = ("decoder.denoising_class_embed", "decoder.enc_score_head", "decoder.dec_score_head")
 
 
 class RTDETR(nn.Module):
     """Backbone -> hybrid encoder -> decoder. In training, with multi_scale (a list of sizes),
     the whole batch is first resized to a random square size (nearest neighbour), as upstream."""
+
+    # what --finetune_drop_class_head re-initialises: everything sized by the number of classes
+    class_head_prefixes = ("decoder.denoising_class_embed.", "decoder.enc_score_head.", "decoder.dec_score_head.")
 
     def __init__(self, backbone, encoder, decoder, multi_scale=None):
         super().__init__()
@@ -129,8 +130,13 @@ class RTDETRCriterion(BaseSetCriterion):
             losses.update({k + suffix: v for k, v in layer_losses.items()})
         return losses
 
-    def forward(self, outputs, targets):
-        num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
+    def forward(self, outputs, targets, step_targets=None):
+        """As BaseSetCriterion.forward (step_targets: gradient accumulation), per layer type."""
+        step_targets = step_targets or [targets]
+        self._step_targets = [t for batch in step_targets for t in batch]
+        self._micro_batches = len(step_targets)
+        self._device, self._num_queries = outputs["pred_logits"].device, outputs["pred_logits"].shape[1]
+        num_boxes = self._num_boxes(self._step_targets, self._device, self._micro_batches)
         aux = outputs.get("aux_outputs", [])
         layers = [("", outputs, self.losses)] + [(f"_aux_{i}", a, self.losses) for i, a in enumerate(aux)]
         if "enc_outputs" in outputs:
@@ -217,7 +223,13 @@ def rtdetr_param_groups(model, args):
 
 
 def loss_names(args):
-    """(decoder losses, encoder losses, denoising losses) for --loss and the query selection."""
+    """(decoder losses, encoder losses, denoising losses) for --loss and the query selection.
+
+    The encoder's selected queries are trained like the decoder layers (DAP included), with
+    VFL (IoU-aware selection) or the focal loss as raw classification. The denoising queries
+    keep their raw losses under every --loss, dap included: they reconstruct noised ground
+    truth as a training aid and are never detections, so there is no AP of theirs to optimise.
+    """
     with_raw = args.loss in ("raw", "raw+dap")
     dap = ["dap"] if args.loss in ("dap", "raw+dap") else []
     enc_cls = "vfl" if args.iou_aware_query_selection else "focal"
@@ -238,6 +250,9 @@ def build(args):
         raise UserInputError("--loss dap with RT-DETR trains the encoder's query selection with DAP, not with "
                              "the IoU-aware varifocal loss: add --no_iou_aware_query_selection (or use "
                              "--loss raw+dap)")
+    if args.dilation or args.pre_norm:
+        raise UserInputError("--dilation and --pre_norm are DETR options; RT-DETR's backbone and transformer "
+                             "have neither: drop them")
     if args.backbone not in BACKBONE_PRESETS:
         raise UserInputError(f"unknown --backbone {args.backbone!r} for RT-DETR; use one of "
                              f"{', '.join(BACKBONE_PRESETS)}")

@@ -158,33 +158,51 @@ def test_cli_error_exits_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-def test_two_gloo_processes_match_one(tmp_path):
-    """torchrun with 2 CPU processes x 2 images logs the same losses as 1 process x 4 images.
+def test_two_gloo_processes_and_accumulation_match_one_batch(tmp_path):
+    """The same global batch of 4 images as 1 process x 4, torchrun with 2 CPU processes x 2, and
+    1 process x 2 images x 2 accumulation steps: the same logged losses and the same weights.
 
-    Four training images, so each epoch is one global batch holding all of them in both runs;
-    dropout and augmentation are off so both runs see identical inputs. The val set is split
-    across ranks and merged for COCO evaluation."""
+    Four training images, so each epoch is one optimisation step holding all of them in every
+    run; dropout and augmentation are off so all runs see identical inputs. The val set is
+    split across ranks and merged for COCO evaluation."""
     from datasets.synthetic import make_synthetic_coco
     info = make_synthetic_coco(str(tmp_path / "data"), num_train=4, num_val=4, image_size=96, seed=1)
-    flags = data_flags((str(tmp_path / "data"), info["num_classes"])) + ["--dropout", "0", "--no_train_augmentation", "--epochs", "2",
-                                          "--clip_max_norm", "0"]
-    single, double = str(tmp_path / "single"), str(tmp_path / "double")
-    run(flags + ["--output_dir", single, "--batch_size", "4"])
+    flags = data_flags((str(tmp_path / "data"), info["num_classes"])) + [
+        "--dropout", "0", "--no_train_augmentation", "--epochs", "2", "--total_batch_size", "4"]
+    runs = {name: str(tmp_path / name) for name in ("single", "double", "accumulated")}
+    run(flags + ["--output_dir", runs["single"]])
+    run(flags + ["--output_dir", runs["accumulated"], "--accum_iter", "2"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "main.py", *flags, "--output_dir", double, "--batch_size", "2"],
+         "main.py", *flags, "--output_dir", runs["double"]],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = read_log(single), read_log(double)
-    assert len(one) == len(two) == 2
-    # Every loss is normalised by global totals (box count, class weights), so the losses of a
-    # split batch are those of the whole batch, before and after the first update.
-    for a, b in zip(one, two):
-        for key in ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_loss_ce_0",
-                    "test_loss", "test_loss_ce", "test_loss_bbox"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4), key
-        assert b["test_coco_eval_bbox"] == pytest.approx(a["test_coco_eval_bbox"], abs=1e-3)
+    assert "2 images per process x 2 processes x 1 accumulation steps = 4 per step" in proc.stdout
+
+    reference = read_log(runs["single"])
+    weights = load_checkpoint(os.path.join(runs["single"], "checkpoint.pth"))["model"]
+    for name in ("double", "accumulated"):
+        log = read_log(runs[name])
+        assert len(log) == len(reference) == 2
+        # Every loss is normalised by the totals of the whole step (box count, class weights),
+        # so the losses of a split batch are those of the whole batch, before and after updates.
+        # (Evaluation losses are averages over evaluation batches, which hold 2 images instead of
+        # 4 in the accumulated run: only the distributed run must match them.)
+        keys = ["train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_loss_ce_0"]
+        keys += ["test_loss", "test_loss_ce", "test_loss_bbox"] if name == "double" else []
+        for a, b in zip(reference, log):
+            for key in keys:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (name, key)
+            assert b["test_coco_eval_bbox"] == pytest.approx(a["test_coco_eval_bbox"], abs=1e-3)
+        other = load_checkpoint(os.path.join(runs[name], "checkpoint.pth"))["model"]
+        for key, value in weights.items():
+            assert torch.allclose(other[key], value, rtol=1e-3, atol=1e-6), (name, key)
+
+
+def test_total_batch_size_must_divide(synthetic_coco, capsys):
+    code, err = run_cli(data_flags(synthetic_coco) + ["--total_batch_size", "5", "--accum_iter", "2"], capsys)
+    assert code == 2 and "--total_batch_size 5" in err
 
 
 def test_model_flag_switches_to_that_detectors_defaults():

@@ -22,11 +22,14 @@ from engine import evaluate
 from models import build_model
 from models.denoising import contrastive_denoising_groups, denoising_attn_mask, denoising_match_indices
 from models.ema import ModelEMA
+from models.hybrid_encoder import sincos_position_embedding
+from models.presnet import PResNet
 from models.rtdetr import PostProcess, add_rtdetr_args, rtdetr_param_groups
+from models.rtdetr_decoder import generate_anchors
 from util.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
-from util.checkpoint import load_checkpoint, model_state_from_checkpoint
+from util.checkpoint import fit_state_dict, load_checkpoint, model_state_from_checkpoint
 from util.errors import UserInputError
-from util.misc import collate_fn, inverse_sigmoid
+from util.misc import collate_fn
 
 TINY_RTDETR_FLAGS = [
     "--model", "rtdetr", "--device", "cpu", "--backbone", "presnet18vd", "--no_pretrained_backbone",
@@ -209,6 +212,42 @@ def test_backbone_variants(backbone, dec_layers, keys, millions):
     sd = model.state_dict()
     assert {k: tuple(sd[k].shape) for k in keys} == keys
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.7)
+
+
+def test_presnet_outputs_and_freezing():
+    backbone = PResNet(18)
+    outs = backbone(torch.rand(1, 3, 64, 96))
+    assert [tuple(o.shape[1:]) for o in outs] == [(128, 8, 12), (256, 4, 6), (512, 2, 3)]
+    assert backbone.out_channels == [128, 256, 512] and backbone.out_strides == [8, 16, 32]
+    assert all(p.requires_grad for p in backbone.parameters())  # R18: everything trains
+    assert not any(p.requires_grad for p in PResNet(18, train_backbone=False).parameters())  # --lr_backbone 0
+
+
+def test_sincos_position_embedding_formula():
+    """Column index first (sin, cos), then row index, at 1 / 10000**(i / (dim / 4)); the grid is
+    enumerated column-major: position k is column k // h, row k % h."""
+    w, h, dim = 3, 2, 8
+    pos = sincos_position_embedding(w, h, dim)
+    assert pos.shape == (1, w * h, dim)
+    omega = [1.0, 1.0 / 100.0]  # 10000 ** -(i / 2), i = 0, 1
+    for k in range(w * h):
+        x, y = k // h, k % h
+        expected = ([math.sin(x * o) for o in omega] + [math.cos(x * o) for o in omega]
+                    + [math.sin(y * o) for o in omega] + [math.cos(y * o) for o in omega])
+        torch.testing.assert_close(pos[0, k], torch.tensor(expected))
+
+
+def test_anchors():
+    anchors, valid = generate_anchors([(2, 2), (1, 1)])
+    boxes = torch.sigmoid(anchors[0])
+    expected = torch.tensor([[0.25, 0.25, 0.05, 0.05], [0.75, 0.25, 0.05, 0.05], [0.25, 0.75, 0.05, 0.05],
+                             [0.75, 0.75, 0.05, 0.05], [0.5, 0.5, 0.1, 0.1]])
+    torch.testing.assert_close(boxes, expected)
+    assert valid.all()
+    # 100 columns: the first and last centres (0.005, 0.995) are within 1e-2 of the border
+    anchors, valid = generate_anchors([(1, 100)])
+    assert valid[0, :, 0].tolist() == [False] + [True] * 98 + [False]
+    assert torch.isinf(anchors[0, 0]).all() and torch.isfinite(anchors[0, 1]).all()
 
 
 # ----------------------------------------------------------------------------- forward
@@ -424,9 +463,13 @@ def test_loss_keys_per_configuration(flags, enc_cls, dap):
     assert all(w[k] == {"vfl": 1, "foc": 1, "bbo": 5, "gio": 2, "dap": 1}[k[5:8]] for k in w)
 
 
-def test_dap_with_iou_aware_query_selection_is_refused():
+def test_refused_flag_combinations():
     with pytest.raises(UserInputError, match="--no_iou_aware_query_selection"):
         build_tiny("--loss", "dap")
+    with pytest.raises(UserInputError, match="presnet50vd"):
+        build_tiny("--backbone", "resnet50")
+    with pytest.raises(UserInputError, match="--dilation"):
+        build_tiny("--dilation")
 
 
 def test_param_groups():
@@ -449,6 +492,17 @@ def test_param_groups():
     assert group("decoder.dec_bbox_head.0.layers.0.bias") == (1e-4, 0.0)
     assert group("decoder.dec_bbox_head.0.layers.0.weight") == (1e-4, 1e-4)
     assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_finetune_to_other_categories_drops_only_the_class_heads(synthetic_coco):
+    source = build_tiny()[0]  # COCO's 80 categories
+    target = build_tiny("--coco_path", synthetic_coco[0])[0]
+    with pytest.raises(UserInputError, match="shape mismatch"):
+        fit_state_dict(target, source.state_dict())
+    fit_state_dict(target, source.state_dict(), drop_prefixes=target.class_head_prefixes)
+    own, other = target.state_dict(), source.state_dict()
+    assert torch.equal(own["decoder.enc_bbox_head.layers.0.weight"], other["decoder.enc_bbox_head.layers.0.weight"])
+    assert own["decoder.dec_score_head.1.weight"].shape[0] == len(category_ids(tiny_args("--coco_path", synthetic_coco[0])))
 
 
 # ----------------------------------------------------------------------------- post-processing, labels
@@ -509,20 +563,19 @@ def test_val_pipeline():
 
 def test_train_pipeline_invariants():
     transform = make_rtdetr_transforms("train", argparse.Namespace(input_scale=0.1, coco_path=None))
-    shapes_changed = False
+    untouched = box_xyxy_to_cxcywh(sample_image_and_target()[1]["boxes"]) / torch.tensor([120, 80, 120, 80])
+    augmented = 0
     for seed in range(12):
         torch.manual_seed(seed)
-        image, target = sample_image_and_target()
-        img, out = transform(image, target)
+        img, out = transform(*sample_image_and_target())
         assert img.shape == (3, 64, 64) and img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
         n = len(out["labels"])
         assert out["boxes"].shape == (n, 4) and len(out["area"]) == n and len(out["iscrowd"]) == n
         xyxy = box_cxcywh_to_xyxy(out["boxes"])
         assert (xyxy >= -1e-6).all() and (xyxy <= 1 + 1e-6).all() and (out["boxes"][:, 2:] > 0).all()
         assert set(out["labels"].tolist()) <= {COCO_CATEGORY_IDS.index(13), COCO_CATEGORY_IDS.index(2)}
-        shapes_changed |= not torch.allclose(out["boxes"], box_xyxy_to_cxcywh(target["boxes"]) /
-                                             torch.tensor([120, 80, 120, 80])) if n == 2 else True
-    assert shapes_changed  # the augmentations did something
+        augmented += n != 2 or not torch.allclose(out["boxes"], untouched)
+    assert augmented >= 6  # flips alone change half of them
 
 
 # ----------------------------------------------------------------------------- EMA
