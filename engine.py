@@ -45,7 +45,7 @@ class AccumulationSteps:
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0, print_freq=10,
-                    accum_iter=1):
+                    accum_iter=1, ema=None):
     """One epoch; each optimisation step accumulates the gradients of accum_iter batches.
     The criterion normalises every micro-batch by the totals of the whole step, so the step's
     gradient is that of one batch holding all its images (see SetCriterion.forward)."""
@@ -62,7 +62,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
             # Gradients are all-reduced once per step, on its last micro-batch.
             last = i == len(step) - 1
             with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-                outputs = model(samples.to(device))
+                outputs = model(samples.to(device), targets)
                 loss_dict = criterion(outputs, targets, step_targets=step_targets)
                 losses = weighted_loss(loss_dict, criterion.weight_dict)
                 (losses / len(step)).backward()
@@ -79,6 +79,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
+        if ema is not None:
+            ema.update(model)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
 
     metric_logger.synchronize_between_processes()

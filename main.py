@@ -18,6 +18,8 @@ import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset
 from engine import evaluate, train_one_epoch
 from models import MODEL_DEFAULTS, build_model
+from models.ema import ModelEMA
+from models.rtdetr import add_rtdetr_args, rtdetr_param_groups
 from util.checkpoint import fit_state_dict, load_checkpoint, model_state_from_checkpoint
 from util.errors import UserInputError
 
@@ -139,6 +141,7 @@ def get_args_parser():
     # distributed training parameters
     parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    add_rtdetr_args(parser)
     return parser
 
 
@@ -180,7 +183,9 @@ def build_optimizer(model_without_ddp, args):
     offsets and reference points, at lr * lr_linear_proj_mult.
     """
     params = [(n, p) for n, p in model_without_ddp.named_parameters() if p.requires_grad]
-    if args.model == "detr":
+    if args.model == "rtdetr":
+        param_dicts = rtdetr_param_groups(model_without_ddp, args)
+    elif args.model == "detr":
         param_dicts = [
             {"params": [p for n, p in params if "backbone" not in n]},
             {"params": [p for n, p in params if "backbone" in n], "lr": args.lr_backbone},
@@ -221,7 +226,7 @@ def build_loaders(dataset_train, dataset_val, args):
     return sampler_train, data_loader_train, data_loader_val
 
 
-def save_checkpoint(path, model_without_ddp, criterion, optimizer, lr_scheduler, epoch, args):
+def save_checkpoint(path, model_without_ddp, criterion, optimizer, lr_scheduler, epoch, args, ema=None):
     """Write atomically (temp file + rename) so a job killed mid-write leaves the last good file.
     'matcher' holds the matcher's state (the DAP momentum precision table; empty otherwise)."""
     if not utils.is_main_process():
@@ -229,7 +234,7 @@ def save_checkpoint(path, model_without_ddp, criterion, optimizer, lr_scheduler,
     tmp = path.with_suffix(".pth.tmp")
     torch.save({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-                "matcher": criterion.matcher.state_dict()}, tmp)
+                "matcher": criterion.matcher.state_dict(), **({"ema": ema.state_dict()} if ema else {})}, tmp)
     tmp.replace(path)
 
 
@@ -264,8 +269,13 @@ def main(args):
     model.to(device)
     model_without_ddp = model
     if args.distributed:
+        if args.model == "rtdetr" and device.type == "cuda":
+            # RT-DETR trains its encoder/decoder batch norms with statistics of the global batch.
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # Without auxiliary losses RT-DETR's intermediate score heads get no gradient.
+        unused = args.model == "rtdetr" and not args.aux_loss
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+            model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=unused)
         model_without_ddp = model.module
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print("number of params:", n_parameters)
@@ -293,9 +303,13 @@ def main(args):
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             args.start_epoch = checkpoint["epoch"] + 1
             print(f"Resumed from {args.resume}: continuing at epoch {args.start_epoch}")
+    ema = ModelEMA(model_without_ddp, args.ema_decay, args.ema_warmups) if args.ema else None
+    if ema is not None and args.resume and "ema" in checkpoint:
+        ema.load_state_dict(checkpoint["ema"])
+    eval_model = ema.module if ema is not None else model
 
     if args.eval:
-        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds,
+        test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds,
                                               device, print_freq=args.print_freq)
         if output_dir:
             save_coco_eval(coco_evaluator, output_dir / "eval.pth")
@@ -312,17 +326,17 @@ def main(args):
         if args.distributed:
             sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
-                                      args.clip_max_norm, print_freq=args.print_freq, accum_iter=args.accum_iter)
+                                      args.clip_max_norm, print_freq=args.print_freq, accum_iter=args.accum_iter, ema=ema)
         lr_scheduler.step()
         if output_dir:
             save_checkpoint(output_dir / "checkpoint.pth", model_without_ddp, criterion, optimizer, lr_scheduler,
-                            epoch, args)
+                            epoch, args, ema)
             # Extra copies before each learning-rate drop and every checkpoint_period epochs, as upstream.
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.checkpoint_period == 0:
                 save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", model_without_ddp, criterion,
-                                optimizer, lr_scheduler, epoch, args)
+                                optimizer, lr_scheduler, epoch, args, ema)
 
-        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds,
+        test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds,
                                               device, print_freq=args.print_freq)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},

@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 import datasets.transforms as T
+from datasets.rtdetr_transforms import make_rtdetr_transforms
 from util.errors import UserInputError
 
 LAYOUT = "train2017/, val2017/ and annotations/instances_{train,val}2017.json"
@@ -132,5 +133,8 @@ def build(image_set, args):
                              f"{LAYOUT}")
     # --no_train_augmentation trains on the deterministic val pipeline.
     pipeline = image_set if getattr(args, "train_augmentation", True) else "val"
-    transforms = make_coco_transforms(pipeline, args.input_scale)
+    if getattr(args, "model", "detr") == "rtdetr":
+        transforms = make_rtdetr_transforms(pipeline, args)
+    else:
+        transforms = make_coco_transforms(pipeline, args.input_scale)
     return CocoDetection(img_folder, ann_file, transforms=transforms)

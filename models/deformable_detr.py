@@ -85,8 +85,9 @@ class DeformableDETR(nn.Module):
             for box_embed in self.bbox_embed:
                 nn.init.constant_(box_embed.layers[-1].bias[2:], 0.0)
 
-    def forward(self, samples):
-        """samples: NestedTensor, or a list of [3,H,W] images / a [B,3,H,W] tensor.
+    def forward(self, samples, targets=None):
+        """samples: NestedTensor, or a list of [3,H,W] images / a [B,3,H,W] tensor. targets:
+        unused (RT-DETR's denoising needs them; the engine calls every model alike).
 
         Returns 'pred_logits' [B,Q,num_classes], 'pred_boxes' [B,Q,4] (cxcywh in [0,1] of each
         un-padded image), with aux_loss 'aux_outputs' (every decoder layer but the last) and,

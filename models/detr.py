@@ -32,8 +32,9 @@ class DETR(nn.Module):
         self.backbone = backbone
         self.aux_loss = aux_loss
 
-    def forward(self, samples):
-        """samples: NestedTensor, or a list of [3,H,W] images / a [B,3,H,W] tensor.
+    def forward(self, samples, targets=None):
+        """samples: NestedTensor, or a list of [3,H,W] images / a [B,3,H,W] tensor. targets:
+        unused (RT-DETR's denoising needs them; the engine calls every model alike).
 
         Returns 'pred_logits' [B,Q,num_classes+1], 'pred_boxes' [B,Q,4] (cxcywh in [0,1],
         relative to each un-padded image) and, with aux_loss, 'aux_outputs': the same pair
@@ -130,6 +131,14 @@ class BaseSetCriterion(nn.Module):
         local = sum(len(t['labels']) for t in targets)
         return torch.clamp(BaseSetCriterion._step_mean(local, device, micro_batches), min=1).item()
 
+    def _begin_step(self, outputs, targets, step_targets):
+        """Record what the step-wide normalisers need (see forward); returns num_boxes."""
+        step_targets = step_targets or [targets]
+        self._step_targets = [t for batch in step_targets for t in batch]
+        self._micro_batches = len(step_targets)
+        self._device, self._num_queries = outputs['pred_logits'].device, outputs['pred_logits'].shape[1]
+        return self._num_boxes(self._step_targets, self._device, self._micro_batches)
+
     def _num_matched(self):
         """Matched queries of the step per (process, micro-batch): one-to-one matching pairs
         min(queries, boxes) per image."""
@@ -160,11 +169,7 @@ class BaseSetCriterion(nn.Module):
         by the totals of the whole step, and the engine divides each micro-batch's loss by
         their number. None: this batch is the whole step.
         """
-        step_targets = step_targets or [targets]
-        self._step_targets = [t for batch in step_targets for t in batch]
-        self._micro_batches = len(step_targets)
-        self._device, self._num_queries = outputs['pred_logits'].device, outputs['pred_logits'].shape[1]
-        num_boxes = self._num_boxes(self._step_targets, self._device, self._micro_batches)
+        num_boxes = self._begin_step(outputs, targets, step_targets)
         losses = {}
         for suffix, layer_outputs, layer_targets in self._layer_outputs(outputs, targets):
             indices = self.matcher(layer_outputs, layer_targets)

@@ -132,11 +132,7 @@ class RTDETRCriterion(BaseSetCriterion):
 
     def forward(self, outputs, targets, step_targets=None):
         """As BaseSetCriterion.forward (step_targets: gradient accumulation), per layer type."""
-        step_targets = step_targets or [targets]
-        self._step_targets = [t for batch in step_targets for t in batch]
-        self._micro_batches = len(step_targets)
-        self._device, self._num_queries = outputs["pred_logits"].device, outputs["pred_logits"].shape[1]
-        num_boxes = self._num_boxes(self._step_targets, self._device, self._micro_batches)
+        num_boxes = self._begin_step(outputs, targets, step_targets)
         aux = outputs.get("aux_outputs", [])
         layers = [("", outputs, self.losses)] + [(f"_aux_{i}", a, self.losses) for i, a in enumerate(aux)]
         if "enc_outputs" in outputs:

@@ -664,7 +664,6 @@ def test_train_steps_then_shared_evaluation_with_ema(synthetic_coco):
 
 # These run through main.main and need the lead's wiring (report): add_rtdetr_args in the parser,
 # the RT-DETR pipelines in datasets/coco.py, model(samples, targets) in training, and the EMA.
-needs_wiring = pytest.mark.xfail(reason="needs main/engine/datasets wiring for RT-DETR", strict=False)
 
 
 def run(flags):
@@ -678,7 +677,6 @@ def data_flags(synthetic_coco):
     return TINY_RTDETR_FLAGS + ["--coco_path", synthetic_coco[0]]
 
 
-@needs_wiring
 @pytest.mark.parametrize("flags", [
     [], ["--no_iou_aware_query_selection"], ["--loss", "raw+dap"],
     ["--loss", "raw+dap", "--no_iou_aware_query_selection"], ["--loss", "dap", "--no_iou_aware_query_selection"],
@@ -690,7 +688,6 @@ def test_main_trains_each_configuration(synthetic_coco, flags):
     assert "train_loss_vfl_dn_1" in stats
 
 
-@needs_wiring
 def test_main_train_checkpoint_resume_evaluate(synthetic_coco, tmp_path):
     flags = data_flags(synthetic_coco)
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
