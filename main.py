@@ -282,11 +282,6 @@ def main(args):
 
     optimizer, lr_scheduler = build_optimizer(model_without_ddp, args)
 
-    dataset_train = build_dataset(image_set="train", args=args)
-    dataset_val = build_dataset(image_set="val", args=args)
-    sampler_train, data_loader_train, data_loader_val = build_loaders(dataset_train, dataset_val, args)
-    base_ds = get_coco_api_from_dataset(dataset_val)
-
     output_dir = Path(args.output_dir) if args.output_dir else None
     if args.finetune:
         checkpoint = load_checkpoint(args.finetune)
@@ -307,6 +302,12 @@ def main(args):
     if ema is not None and args.resume and "ema" in checkpoint:
         ema.load_state_dict(checkpoint["ema"])
     eval_model = ema.module if ema is not None else model
+
+    # Checkpoints first, data second: a bad checkpoint path fails before minutes of COCO loading.
+    dataset_train = build_dataset(image_set="train", args=args)
+    dataset_val = build_dataset(image_set="val", args=args)
+    sampler_train, data_loader_train, data_loader_val = build_loaders(dataset_train, dataset_val, args)
+    base_ds = get_coco_api_from_dataset(dataset_val)
 
     if args.eval:
         test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds,
