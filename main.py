@@ -246,6 +246,16 @@ def restore_matcher(matcher, checkpoint, source):
         print(f"Note: {source} holds no state for this matcher ({type(matcher).__name__}); it starts afresh")
 
 
+def drop_log_lines_from(log_path, epoch):
+    """Remove the log.txt lines of epochs >= epoch (they are about to be trained again)."""
+    if not log_path.exists():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", -1) < epoch]
+    if len(kept) != len(lines):
+        log_path.write_text("".join(kept))
+
+
 def save_coco_eval(coco_evaluator, path):
     """Save the bbox COCOeval arrays (precision, recall, scores) as tensors, readable with weights_only."""
     if coco_evaluator is None or not utils.is_main_process():
@@ -298,6 +308,8 @@ def main(args):
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             args.start_epoch = checkpoint["epoch"] + 1
             print(f"Resumed from {args.resume}: continuing at epoch {args.start_epoch}")
+            if args.output_dir and utils.is_main_process():
+                drop_log_lines_from(Path(args.output_dir) / "log.txt", args.start_epoch)
     ema = ModelEMA(model_without_ddp, args.ema_decay, args.ema_warmups) if args.ema else None
     if ema is not None and args.resume and "ema" in checkpoint:
         ema.load_state_dict(checkpoint["ema"])
@@ -329,19 +341,14 @@ def main(args):
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
                                       args.clip_max_norm, print_freq=args.print_freq, accum_iter=args.accum_iter, ema=ema)
         lr_scheduler.step()
-        if output_dir:
-            save_checkpoint(output_dir / "checkpoint.pth", model_without_ddp, criterion, optimizer, lr_scheduler,
-                            epoch, args, ema)
-            # Extra copies before each learning-rate drop and every checkpoint_period epochs, as upstream.
-            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.checkpoint_period == 0:
-                save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", model_without_ddp, criterion,
-                                optimizer, lr_scheduler, epoch, args, ema)
 
         test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds,
                                               device, print_freq=args.print_freq)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},
                      "epoch": epoch, "n_parameters": n_parameters}
+        # Log, then checkpoint: a job stopped in between redoes this epoch after --resume (which
+        # drops the log lines of epochs it will redo) instead of never logging it.
         if output_dir and utils.is_main_process():
             with (output_dir / "log.txt").open("a") as f:
                 f.write(json.dumps(log_stats) + "\n")
@@ -349,6 +356,13 @@ def main(args):
             save_coco_eval(coco_evaluator, output_dir / "eval" / "latest.pth")
             if epoch % 50 == 49:
                 save_coco_eval(coco_evaluator, output_dir / "eval" / f"{epoch:03}.pth")
+        if output_dir:
+            save_checkpoint(output_dir / "checkpoint.pth", model_without_ddp, criterion, optimizer, lr_scheduler,
+                            epoch, args, ema)
+            # Extra copies before each learning-rate drop and every checkpoint_period epochs, as upstream.
+            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.checkpoint_period == 0:
+                save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", model_without_ddp, criterion,
+                                optimizer, lr_scheduler, epoch, args, ema)
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")

@@ -85,6 +85,29 @@ def test_train_checkpoint_resume_eval(synthetic_coco, tmp_path):
     assert saved["precision"].shape[0] == 10  # ten IoU thresholds
 
 
+@pytest.mark.parametrize("dies_in", ["evaluate", "save_checkpoint"])
+def test_a_job_killed_mid_epoch_logs_every_epoch_once(dies_in, synthetic_coco, tmp_path, monkeypatch):
+    """Killed during epoch 1's evaluation (nothing logged yet) or between its log line and its
+    checkpoint: after --resume, log.txt holds every epoch exactly once."""
+    flags = data_flags(synthetic_coco) + ["--output_dir", str(tmp_path), "--epochs", "3"]
+    real = getattr(detr_main, dies_in)
+    calls = {"n": 0}
+
+    def dies_on_epoch_1(*args, **kwargs):
+        epoch = kwargs.get("epoch", args[5] if dies_in == "save_checkpoint" else None)
+        calls["n"] += 1
+        if (dies_in == "save_checkpoint" and epoch == 1) or (dies_in == "evaluate" and calls["n"] == 2):
+            raise KeyboardInterrupt("job killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(detr_main, dies_in, dies_on_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(flags)
+    monkeypatch.setattr(detr_main, dies_in, real)
+    run(flags + ["--resume", str(tmp_path / "checkpoint.pth")])
+    assert [row["epoch"] for row in read_log(str(tmp_path))] == [0, 1, 2]
+
+
 def test_finetune_loads_weights_only(synthetic_coco, tmp_path):
     flags = data_flags(synthetic_coco)
     source = str(tmp_path / "source")

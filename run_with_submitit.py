@@ -1,0 +1,165 @@
+"""Launch main.py on SLURM through submitit; the job checkpoints and requeues itself when it is
+preempted or reaches its time limit, and continues from output_dir/checkpoint.pth.
+
+    python run_with_submitit.py --nodes 2 --ngpus 8 --timeout 1440 --partition gpu \
+        --output_dir outputs/detr_r50_dap --coco_path /data/coco [main.py flags]
+    python run_with_submitit.py --cluster local --ngpus 2 --device cpu ...   # on this machine
+
+Every main.py flag is accepted (same parser, same per-model defaults). --ngpus is the number of
+processes per node: one per GPU, or CPU processes (gloo) with --device cpu. The output folder and
+--job_dir (submitit's logs and pickles; default <output_dir>/submitit) must be on a file system
+that every node sees.
+"""
+import argparse
+import copy
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import submitit
+
+import main as detr_main
+from util.errors import UserInputError
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_launcher_parser():
+    parser = argparse.ArgumentParser("Submitit launcher for main.py", parents=[detr_main.get_args_parser()])
+    parser.add_argument("--ngpus", default=8, type=int, help="processes (GPUs) per node")
+    parser.add_argument("--nodes", default=4, type=int, help="number of nodes")
+    parser.add_argument("--timeout", default=60, type=int,
+                        help="time limit of one job in minutes; the job requeues itself when it is reached")
+    parser.add_argument("--job_dir", default="", type=str,
+                        help="submitit's folder (logs, pickles); default <output_dir>/submitit, "
+                             "or ./experiments/%%j without --output_dir (%%j = job id)")
+    parser.add_argument("--cluster", default="slurm", choices=("slurm", "local"),
+                        help="local: run the job on this machine with submitit's local executor (tests)")
+    parser.add_argument("--partition", default=None, help="SLURM partition")
+    parser.add_argument("--account", default=None, help="SLURM account")
+    parser.add_argument("--qos", default=None, help="SLURM quality of service")
+    parser.add_argument("--constraint", default=None, help="SLURM node constraint, e.g. volta32gb")
+    parser.add_argument("--comment", default=None, help="SLURM job comment")
+    parser.add_argument("--mem_gb", default=None, type=int, help="memory per node in GB (default 40 per process)")
+    parser.add_argument("--cpus_per_task", default=10, type=int, help="CPU cores per process")
+    parser.add_argument("--job_name", default="dap-detr", help="SLURM job name")
+    parser.add_argument("--max_requeues", default=30, type=int,
+                        help="give up after this many time-outs (preemptions do not count)")
+    return parser
+
+
+def continue_in_output_dir(options):
+    """Resume from the output folder's checkpoint.pth when it exists (not from --finetune): a
+    requeued, preempted or re-launched experiment continues where it stopped. `options` maps
+    flag names to values: vars(args) or a config's flags. Returns the checkpoint path or None."""
+    if not options.get("output_dir") or options.get("eval"):
+        return None
+    checkpoint = Path(options["output_dir"]) / "checkpoint.pth"
+    if not checkpoint.is_file():
+        return None
+    options["resume"] = str(checkpoint)
+    options["finetune"] = ""  # main.py refuses both; the checkpoint already holds the weights
+    return str(checkpoint)
+
+
+class Trainer:
+    """The submitted callable: runs main.main(args) in every task of the job. submitit calls
+    checkpoint() on SIGUSR2 (time limit or preemption notice) and requeues what it returns."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def __call__(self):
+        args = copy.deepcopy(self.args)  # main() edits args; a requeue must start from the original
+        env = submitit.JobEnvironment()
+        args.output_dir = args.output_dir.replace("%j", str(env.job_id))
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        if env.num_tasks > 1:
+            # env:// rendezvous on the first node; the port is derived from the job id, so a
+            # requeued job (same id) uses the same one. Every task sees all GPUs of its node.
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            args.dist_url = "env://"
+        checkpoint = continue_in_output_dir(vars(args))
+        if checkpoint:
+            print(f"Continuing from {checkpoint}", flush=True)
+        return detr_main.main(args)
+
+    def checkpoint(self):
+        # main.py writes checkpoint.pth after every epoch; the requeued job starts from it
+        # (see __call__), and per-epoch seeding makes the redone epoch draw the same numbers.
+        return submitit.helpers.DelayedSubmission(type(self)(self.args))
+
+
+def check_paths(args):
+    """Fail at submission, not after waiting in the queue, on paths that cannot work."""
+    if not args.coco_path or not os.path.isdir(args.coco_path):
+        raise UserInputError(f"--coco_path {args.coco_path!r} is not a folder; pass the COCO root "
+                             f"(train2017/ val2017/ annotations/)")
+    for flag in ("finetune", "resume"):
+        value = getattr(args, flag)
+        if value and not value.startswith(("http://", "https://")) and not os.path.isfile(value):
+            raise UserInputError(f"--{flag} {value}: file not found")
+
+
+def job_folders(args):
+    """Absolute (job_dir, output_dir): jobs may start in another working directory."""
+    if args.output_dir:
+        output_dir = os.path.abspath(args.output_dir)
+        job_dir = os.path.abspath(args.job_dir) if args.job_dir else os.path.join(output_dir, "submitit")
+    else:
+        job_dir = os.path.abspath(args.job_dir or os.path.join("experiments", "%j"))
+        output_dir = job_dir
+    return job_dir, output_dir
+
+
+def submit(args):
+    """Submit Trainer(args) and return the submitit job."""
+    if args.ngpus < 1 or args.nodes < 1:
+        raise UserInputError("--ngpus and --nodes must be at least 1")
+    if args.cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UserInputError("sbatch not found: SLURM is not available here; use --cluster local to run on "
+                             "this machine (or torchrun, see scripts/reproduce.sh)")
+    if args.cluster == "local" and args.nodes > 1:
+        raise UserInputError("--cluster local runs on one node: use --nodes 1")
+    check_paths(args)
+    job_dir, args.output_dir = job_folders(args)
+    if "%j" not in job_dir:
+        Path(job_dir).mkdir(parents=True, exist_ok=True)
+
+    # The job starts a fresh interpreter that imports this file and main.py by name.
+    path = [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+
+    on_gpu = str(args.device).startswith("cuda")
+    executor = submitit.AutoExecutor(folder=job_dir, cluster=args.cluster, slurm_max_num_timeout=args.max_requeues)
+    executor.update_parameters(
+        name=args.job_name,
+        nodes=args.nodes,
+        tasks_per_node=args.ngpus,
+        gpus_per_node=args.ngpus if on_gpu else None,  # None: no GPU request at all
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_gb if args.mem_gb is not None else 40 * args.ngpus,
+        timeout_min=args.timeout,
+        slurm_partition=args.partition,
+        slurm_account=args.account,
+        slurm_qos=args.qos,
+        slurm_constraint=args.constraint,
+        slurm_comment=args.comment,
+    )
+    return executor.submit(Trainer(args))
+
+
+def main(argv=None):
+    args = detr_main.parse_args(get_launcher_parser(), argv)
+    try:
+        job = submit(args)
+    except UserInputError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    print(f"Submitted job {job.job_id}; output in {args.output_dir}, logs in {job.paths.folder}")
+    return job
+
+
+if __name__ == "__main__":
+    main()
