@@ -13,10 +13,10 @@ from util.misc import inverse_sigmoid
 from .denoising import contrastive_denoising_groups
 from .detr import MLP
 from .ops import MSDeformAttn
-from .transformer import _ResidualLayer
+from .transformer import ResidualLayer
 
 
-class DecoderLayer(_ResidualLayer):
+class DecoderLayer(ResidualLayer):
     """Post-norm: self-attention (masked between denoising groups), multi-scale deformable
     cross-attention around each query's box, feed-forward."""
 

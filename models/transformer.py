@@ -93,7 +93,7 @@ class TransformerDecoder(nn.Module):
         return self.norm(output).unsqueeze(0)
 
 
-class _ResidualLayer(nn.Module):
+class ResidualLayer(nn.Module):
     """Residual wiring shared by the encoder and decoder layers.
 
     Post-norm: x = norm(x + dropout(f(x))). Pre-norm: x = x + dropout(f(norm(x))).
@@ -112,7 +112,7 @@ class _ResidualLayer(nn.Module):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
-class TransformerEncoderLayer(_ResidualLayer):
+class TransformerEncoderLayer(ResidualLayer):
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  normalize_before=False):
@@ -136,7 +136,7 @@ class TransformerEncoderLayer(_ResidualLayer):
         return self._residual(src, self._ffn, self.norm2, self.dropout2)
 
 
-class TransformerDecoderLayer(_ResidualLayer):
+class TransformerDecoderLayer(ResidualLayer):
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  normalize_before=False):
