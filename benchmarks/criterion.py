@@ -5,10 +5,11 @@
 
 Only the loss side is timed (matching, loss, backward into the head outputs): the detector is
 the same under every loss. Prints the time per iteration of each setting, its ratio to raw,
-and the peak memory on CUDA.
+and the peak memory on CUDA. Settings are timed round-robin and the median is reported.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -63,24 +64,24 @@ def make_inputs(model, device, seed=0):
     return outputs, targets, [t for h in heads for t in h]
 
 
-def time_setting(criterion, outputs, targets, leaves, device, repeats):
-    def step():
-        for leaf in leaves:
-            leaf.grad = None
-        loss_dict = criterion(outputs, targets)
-        sum(loss_dict[k] * w for k, w in criterion.weight_dict.items() if k in loss_dict).backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    step()  # warm-up
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+def step_time(criterion, outputs, targets, leaves, device):
+    """Seconds for one matching + loss + backward."""
+    for leaf in leaves:
+        leaf.grad = None
     start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    elapsed = (time.perf_counter() - start) / repeats
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
-    return elapsed, peak
+    loss_dict = criterion(outputs, targets)
+    sum(loss_dict[k] * w for k, w in criterion.weight_dict.items() if k in loss_dict).backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_memory(criterion, outputs, targets, leaves, device):
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.reset_peak_memory_stats()
+    step_time(criterion, outputs, targets, leaves, device)
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def main():
@@ -96,13 +97,20 @@ def main():
         print(f"\n{model}: {s['images']} images x {s['queries']} queries x {s['num_classes']} classes, "
               f"{s['boxes']} boxes per image, {s['layers']} decoder layers")
         print(f"| setting | ms / iteration | ratio to raw | peak memory (MiB) |\n| --- | --- | --- | --- |")
-        baseline = None
-        for name, flags in SETTINGS.items():
-            criterion = build_criterion(model, flags, opts.device)
-            outputs, targets, leaves = make_inputs(model, opts.device)
-            elapsed, peak = time_setting(criterion, outputs, targets, leaves, opts.device, opts.repeats)
-            baseline = baseline or elapsed
-            print(f"| {name} | {1000 * elapsed:.1f} | {elapsed / baseline:.2f} | {peak:.0f} |", flush=True)
+        criteria = {name: build_criterion(model, flags, opts.device) for name, flags in SETTINGS.items()}
+        inputs = make_inputs(model, opts.device)
+        times = {name: [] for name in SETTINGS}
+        # Round-robin over the settings, median over repeats: drifts in machine load hit all alike.
+        for repeat in range(opts.repeats + 1):
+            for name, criterion in criteria.items():
+                elapsed = step_time(criterion, *inputs, opts.device)
+                if repeat:  # the first round is a warm-up
+                    times[name].append(elapsed)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        for name, criterion in criteria.items():
+            peak = peak_memory(criterion, *inputs, opts.device)
+            print(f"| {name} | {1000 * medians[name]:.1f} | {medians[name] / medians['raw']:.2f} | {peak:.0f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
