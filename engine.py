@@ -1,5 +1,6 @@
 """One training epoch and one COCO evaluation pass; used by main.py."""
 import contextlib
+import json
 import math
 import sys
 
@@ -45,47 +46,65 @@ class AccumulationSteps:
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0, print_freq=10,
-                    accum_iter=1, ema=None):
+                    accum_iter=1, ema=None, iteration_log=None):
     """One epoch; each optimisation step accumulates the gradients of accum_iter batches.
     The criterion normalises every micro-batch by the totals of the whole step, so the step's
-    gradient is that of one batch holding all its images (see SetCriterion.forward)."""
+    gradient is that of one batch holding all its images (see SetCriterion.forward).
+
+    ema: a ModelEMA updated after every optimisation step. iteration_log: a path; one JSON
+    line per optimisation step is appended to it (epoch, step, lr and the logged values,
+    averaged over the step's micro-batches)."""
     model.train()
     criterion.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
 
-    for step in metric_logger.log_every(AccumulationSteps(data_loader, accum_iter), print_freq, header):
-        step_targets = [[{k: v.to(device) for k, v in t.items()} for t in targets] for _, targets in step]
-        optimizer.zero_grad()
-        for i, ((samples, _), targets) in enumerate(zip(step, step_targets)):
-            # Gradients are all-reduced once per step, on its last micro-batch.
-            last = i == len(step) - 1
-            with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-                outputs = model(samples.to(device), targets)
-                loss_dict = criterion(outputs, targets, step_targets=step_targets)
-                losses = weighted_loss(loss_dict, criterion.weight_dict)
-                (losses / len(step)).backward()
-
-            loss_value, log_values = loss_log_values(loss_dict, criterion.weight_dict)
-            loss_value = float(loss_value)
-            if not math.isfinite(loss_value):
-                # stderr directly: on ranks other than 0, print() is silenced.
-                sys.stderr.write(f"Loss is {loss_value}, stopping training; loss terms: "
-                                 f"{ {k: float(v) for k, v in log_values.items()} }\n")
-                sys.exit(1)
-            metric_logger.update(loss=loss_value, **log_values)
-
-        if max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
-        if ema is not None:
-            ema.update(model)
-        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+    with open(iteration_log, "a") if iteration_log else contextlib.nullcontext() as log_file:
+        steps = metric_logger.log_every(AccumulationSteps(data_loader, accum_iter), print_freq, header)
+        for step_index, step in enumerate(steps):
+            step_values = _train_step(model, criterion, step, optimizer, device, max_norm, metric_logger)
+            if ema is not None:
+                ema.update(model)
+            if log_file is not None:
+                averaged = {k: sum(v[k] for v in step_values) / len(step_values) for k in step_values[0]}
+                log_file.write(json.dumps({"epoch": epoch, "step": step_index,
+                                           "lr": optimizer.param_groups[0]["lr"], **averaged}) + "\n")
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+def _train_step(model, criterion, step, optimizer, device, max_norm, metric_logger):
+    """One optimisation step over its micro-batches; returns each micro-batch's logged values."""
+    step_targets = [[{k: v.to(device) for k, v in t.items()} for t in targets] for _, targets in step]
+    optimizer.zero_grad()
+    step_values = []
+    for i, ((samples, _), targets) in enumerate(zip(step, step_targets)):
+        # Gradients are all-reduced once per step, on its last micro-batch.
+        last = i == len(step) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            outputs = model(samples.to(device), targets)
+            loss_dict = criterion(outputs, targets, step_targets=step_targets)
+            losses = weighted_loss(loss_dict, criterion.weight_dict)
+            (losses / len(step)).backward()
+
+        loss_value, log_values = loss_log_values(loss_dict, criterion.weight_dict)
+        loss_value = float(loss_value)
+        if not math.isfinite(loss_value):
+            # stderr directly: on ranks other than 0, print() is silenced.
+            sys.stderr.write(f"Loss is {loss_value}, stopping training; loss terms: "
+                             f"{ {k: float(v) for k, v in log_values.items()} }\n")
+            sys.exit(1)
+        metric_logger.update(loss=loss_value, **log_values)
+        step_values.append({"loss": loss_value, **{k: float(v) for k, v in log_values.items()}})
+
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+    return step_values
 
 
 @torch.no_grad()

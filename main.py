@@ -61,6 +61,9 @@ def get_args_parser():
     parser.add_argument("--position_embedding_scale", default=2 * 3.141592653589793, type=float,
                         help="unused (upstream Deformable DETR flag)")
     parser.add_argument("--num_feature_levels", default=4, type=int, help="Deformable DETR: feature levels")
+    parser.add_argument("--backbone_norm", default="frozen", choices=("frozen", "batch"),
+                        help="frozen: FrozenBatchNorm2d (upstream; for ImageNet weights); batch: BatchNorm2d with "
+                             "batch statistics, for a backbone trained from scratch")
     parser.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",
                         help="do not fetch ImageNet backbone weights (implied by --finetune/--resume)")
     # * Transformer
@@ -137,6 +140,8 @@ def get_args_parser():
     parser.add_argument("--eval", action="store_true", help="only evaluate")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
+    parser.add_argument("--log_iterations", action="store_true",
+                        help="also write iterations.jsonl to --output_dir: the logged values of every optimisation step")
 
     # distributed training parameters
     parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
@@ -247,7 +252,7 @@ def restore_matcher(matcher, checkpoint, source):
 
 
 def drop_log_lines_from(log_path, epoch):
-    """Remove the log.txt lines of epochs >= epoch (they are about to be trained again)."""
+    """Remove the lines of epochs >= epoch from a JSON-lines log (they are about to be redone)."""
     if not log_path.exists():
         return
     lines = log_path.read_text().splitlines(keepends=True)
@@ -309,7 +314,8 @@ def main(args):
             args.start_epoch = checkpoint["epoch"] + 1
             print(f"Resumed from {args.resume}: continuing at epoch {args.start_epoch}")
             if args.output_dir and utils.is_main_process():
-                drop_log_lines_from(Path(args.output_dir) / "log.txt", args.start_epoch)
+                for log_name in ("log.txt", "iterations.jsonl"):
+                    drop_log_lines_from(Path(args.output_dir) / log_name, args.start_epoch)
     ema = ModelEMA(model_without_ddp, args.ema_decay, args.ema_warmups) if args.ema else None
     if ema is not None and args.resume and "ema" in checkpoint:
         ema.load_state_dict(checkpoint["ema"])
@@ -338,8 +344,11 @@ def main(args):
         utils.seed_everything(args.seed, utils.get_rank(), epoch)
         if args.distributed:
             sampler_train.set_epoch(epoch)
+        iteration_log = (output_dir / "iterations.jsonl"
+                         if args.log_iterations and output_dir and utils.is_main_process() else None)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
-                                      args.clip_max_norm, print_freq=args.print_freq, accum_iter=args.accum_iter, ema=ema)
+                                      args.clip_max_norm, print_freq=args.print_freq, accum_iter=args.accum_iter,
+                                      ema=ema, iteration_log=iteration_log)
         lr_scheduler.step()
 
         test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds,

@@ -98,7 +98,8 @@ class Backbone(BackboneBase):
     multi-scale input), layer2/3/4 as '0'/'1'/'2' (strides 8/16/32).
     """
 
-    def __init__(self, name, train_backbone, dilation=False, pretrained=False, return_interm_layers=False):
+    def __init__(self, name, train_backbone, dilation=False, pretrained=False, return_interm_layers=False,
+                 norm='frozen'):
         if name not in RESNETS:
             raise UserInputError(f"unknown --backbone {name!r}; use one of {', '.join(RESNETS)}")
         if dilation and name in ('resnet18', 'resnet34'):
@@ -110,7 +111,7 @@ class Backbone(BackboneBase):
         try:
             backbone = getattr(torchvision.models, name)(
                 weights=weights, replace_stride_with_dilation=[False, False, dilation],
-                norm_layer=FrozenBatchNorm2d)
+                norm_layer=FrozenBatchNorm2d if norm == 'frozen' else nn.BatchNorm2d)
         except OSError as e:  # URLError, timeouts, an unwritable cache folder
             raise UserInputError(
                 f"could not download the ImageNet weights of {name} from {weights.url} ({e}); "
@@ -151,5 +152,6 @@ def build_backbone(args, return_interm_layers=False, sine_offset=0.0):
     """sine_offset: see PositionEmbeddingSine (DETR 0, Deformable DETR -0.5)."""
     position_embedding = build_position_encoding(args, sine_offset)
     backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0, dilation=args.dilation,
-                        pretrained=args.pretrained_backbone, return_interm_layers=return_interm_layers)
+                        pretrained=args.pretrained_backbone, return_interm_layers=return_interm_layers,
+                        norm=args.backbone_norm)
     return Joiner(backbone, position_embedding)

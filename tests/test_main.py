@@ -236,3 +236,23 @@ def test_model_flag_switches_to_that_detectors_defaults():
     explicit = parse(["--num_queries", "7", "--model", "deformable_detr", "--lr", "1e-5"])
     assert explicit.lr == 1e-5 and explicit.num_queries == 7 and explicit.lr_backbone == 2e-5
     assert parse([]).num_queries == 100 and parse([]).cls_loss_coef == 1
+
+
+def test_log_iterations_writes_one_line_per_step(synthetic_coco, tmp_path):
+    run(data_flags(synthetic_coco) + ["--output_dir", str(tmp_path), "--epochs", "2", "--log_iterations",
+                                      "--accum_iter", "2", "--batch_size", "1"])
+    rows = [json.loads(line) for line in (tmp_path / "iterations.jsonl").read_text().splitlines()]
+    # 8 images, 1 per micro-batch, 2 micro-batches per step: 4 steps per epoch
+    assert [(r["epoch"], r["step"]) for r in rows] == [(e, s) for e in (0, 1) for s in range(4)]
+    epoch_mean = sum(r["loss"] for r in rows[:4]) / 4
+    assert epoch_mean == pytest.approx(read_log(str(tmp_path))[0]["train_loss"], rel=1e-6)
+
+
+def test_backbone_norm_batch_trains_the_norms(synthetic_coco):
+    model = detr_main.build_model(parse(data_flags(synthetic_coco) + ["--backbone_norm", "batch"]))[0]
+    norms = [m for m in model.backbone[0].body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    # BatchNorm2d with batch statistics, trainable in the trained stages (layer2-4, as upstream)
+    body = model.backbone[0].body
+    assert norms and body.layer2[0].bn1.weight.requires_grad and not body.bn1.weight.requires_grad
+    frozen = detr_main.build_model(parse(data_flags(synthetic_coco)))[0]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.backbone[0].body.modules())
