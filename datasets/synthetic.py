@@ -1,7 +1,8 @@
 """A small synthetic detection dataset written in the exact COCO layout, for tests and CPU demos.
 
 Each image has a textured, cluttered background (smooth colour noise, thin random lines, pixel
-noise; none of it annotated) and 1..max_objects shapes of these classes:
+noise; none of it annotated; `clutter` scales all three) and 1..max_objects shapes of these
+classes:
 
     id  name        id  name
     1   rectangle   7   ring       (ellipse outline)
@@ -17,8 +18,8 @@ Colours are drawn independently of the class, so only the shape tells classes ap
 
 Sizes: COCO's area ranges are absolute (small < 32^2 <= medium < 96^2 <= large px), so at
 128-320 px most naturally sized objects would be small. Each object instead picks a range
-(small 40 %, medium 40 %, large 20 %, among those that fit in the image: large needs an image
-of at least 107 px) and a log-uniform box area inside it, with aspect ratio 0.6..1.67.
+(small 40 %, medium 40 %, large 20 % by default, see size_weights; among those that fit in the
+image: large needs an image of at least 107 px) and a log-uniform box area inside it, with aspect ratio 0.6..1.67.
 
 Occlusion: objects are drawn largest first, so smaller ones partly cover larger ones. The box is
 the full (amodal) extent of the shape's pixels even when part of it is covered; a placement that
@@ -111,13 +112,16 @@ def _rasterize(outer, hole, w, h):
     return np.asarray(canvas) > 0, fit(outer)
 
 
-def _sample_box_size(rng, image_size):
+def _sample_box_size(rng, image_size, size_weights=SIZE_RANGE_WEIGHTS):
     """(w, h) of a box whose area falls in a COCO area range chosen at random."""
     max_side = image_size - 2
     ranges = [(12 ** 2, COCO_SMALL), (COCO_SMALL, COCO_LARGE),
               (COCO_LARGE, (0.9 * image_size) ** 2)]
     feasible = [i for i, (lo, hi) in enumerate(ranges) if lo < hi]
-    weights = np.array([SIZE_RANGE_WEIGHTS[i] for i in feasible])
+    weights = np.array([size_weights[i] for i in feasible])
+    if not weights.sum():
+        raise ValueError(f"size_weights {size_weights} weigh only size ranges that do not fit in a "
+                         f"{image_size} px image (large needs at least 107 px)")
     lo, hi = ranges[feasible[rng.choice(len(feasible), p=weights / weights.sum())]]
     area = math.exp(rng.uniform(math.log(lo), math.log(hi)))
     aspect = math.exp(rng.uniform(math.log(0.6), math.log(1 / 0.6)))
@@ -126,16 +130,17 @@ def _sample_box_size(rng, image_size):
     return w, h
 
 
-def _background(rng, size):
-    """Smooth colour texture plus thin random lines; float [size, size, 3]."""
+def _background(rng, size, clutter=1.0):
+    """Smooth colour texture plus thin random lines; float [size, size, 3]. clutter scales the
+    texture's amplitude and the number of lines."""
     base = rng.uniform(40, 215, size=3)
     grid = max(2, size // 16)
-    texture = rng.uniform(-40, 40, size=(grid, grid, 3)).astype(np.float32)
+    texture = clutter * rng.uniform(-40, 40, size=(grid, grid, 3)).astype(np.float32)
     texture = np.stack([np.asarray(Image.fromarray(texture[..., c])
                                    .resize((size, size), Image.Resampling.BILINEAR)) for c in range(3)], -1)
     image = Image.fromarray(np.clip(base + texture, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.integers(2, 9)):
+    for _ in range(round(clutter * rng.integers(2, 9))):
         x0, y0, x1, y1 = rng.uniform(0, size, size=4)
         draw.line([(x0, y0), (x1, y1)], fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
                   width=1)
@@ -151,12 +156,13 @@ def _object_colour(rng, background):
     return colour
 
 
-def render_image(rng, image_size, categories, max_objects):
+def render_image(rng, image_size, categories, max_objects, size_weights=SIZE_RANGE_WEIGHTS,
+                 clutter=1.0):
     """One image (uint8 [S, S, 3]) and its objects as dicts with category_id, bbox (xywh),
     polygon (flat list) and visible (fraction of the shape's pixels left uncovered)."""
-    image, background = _background(rng, image_size)
+    image, background = _background(rng, image_size, clutter)
     num_objects = int(rng.integers(1, max_objects + 1))
-    specs = [(categories[rng.integers(len(categories))], _sample_box_size(rng, image_size))
+    specs = [(categories[rng.integers(len(categories))], _sample_box_size(rng, image_size, size_weights))
              for _ in range(num_objects)]
     specs.sort(key=lambda spec: -spec[1][0] * spec[1][1])  # largest first: small ones on top
 
@@ -189,17 +195,18 @@ def render_image(rng, image_size, categories, max_objects):
     for obj, visible, total in zip(objects, visible_counts, pixel_counts):
         obj["visible"] = visible / total
 
-    image = image + rng.normal(0, 4, size=image.shape)  # sensor noise over everything
+    image = image + clutter * rng.normal(0, 4, size=image.shape)  # sensor noise over everything
     return np.clip(np.round(image), 0, 255).astype(np.uint8), objects
 
 
-def _write_split(out_dir, split, split_code, num_images, image_size, seed, categories, max_objects):
+def _write_split(out_dir, split, split_code, num_images, image_size, seed, categories, max_objects,
+                 size_weights, clutter):
     image_dir = out_dir / f"{split}2017"
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
         rng = np.random.default_rng([seed, split_code, index])
-        pixels, objects = render_image(rng, image_size, categories, max_objects)
+        pixels, objects = render_image(rng, image_size, categories, max_objects, size_weights, clutter)
         image_id = index + 1
         file_name = f"{image_id:012d}.png"
         # noisy pixels barely compress: the fastest zlib level saves most of the time
@@ -227,11 +234,14 @@ def _write_split(out_dir, split, split_code, num_images, image_size, seed, categ
 
 
 def make_synthetic_coco(out_dir, num_train=200, num_val=50, image_size=128, seed=0,
-                        num_classes=10, max_objects=6):
+                        num_classes=10, max_objects=6, size_weights=SIZE_RANGE_WEIGHTS, clutter=1.0):
     """Write out_dir/{train2017,val2017}/*.png and out_dir/annotations/instances_*.json.
 
-    num_classes: largest category id + 1, as for training (see the module docstring). Returns
-    a summary dict (num_classes, categories, and per split image/object/area-range counts)."""
+    num_classes: largest category id + 1, as for training (see the module docstring).
+    size_weights: relative frequency of the small, medium and large area ranges.
+    clutter: scale of the background texture, the number of random lines and the pixel noise
+    (0 = a plain background). Returns a summary dict (num_classes, categories, and per split
+    image/object/area-range counts)."""
     valid = [cid + 1 for cid, _ in CATEGORIES]
     if num_classes not in valid:
         raise ValueError(f"num_classes must be a category id + 1, one of {valid}; "
@@ -240,13 +250,18 @@ def make_synthetic_coco(out_dir, num_train=200, num_val=50, image_size=128, seed
         raise ValueError(f"image_size must be at least {MIN_SIDE + 2}, got {image_size}")
     if max_objects < 1:
         raise ValueError(f"max_objects must be at least 1, got {max_objects}")
+    if len(size_weights) != 3 or min(size_weights) < 0 or sum(size_weights) <= 0:
+        raise ValueError(f"size_weights must be 3 non-negative weights (small, medium, large) "
+                         f"with a positive sum, got {size_weights}")
+    if clutter < 0:
+        raise ValueError(f"clutter must be non-negative, got {clutter}")
     out_dir = Path(out_dir)
     categories = [(cid, name) for cid, name in CATEGORIES if cid < num_classes]
     summary = {"out_dir": str(out_dir), "num_classes": num_classes,
                "categories": {cid: name for cid, name in categories}}
     for split_code, (split, count) in enumerate([("train", num_train), ("val", num_val)]):
         images, annotations = _write_split(out_dir, split, split_code, count, image_size, seed,
-                                           categories, max_objects)
+                                           categories, max_objects, size_weights, clutter)
         areas = np.array([a["area"] for a in annotations])
         summary[split] = {
             "images": len(images),

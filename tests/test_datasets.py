@@ -104,11 +104,37 @@ def test_every_shape_fills_its_box(cat_id, name):
     assert centre_filled == (name not in ("ring", "frame"))  # outlines have a hole
 
 
+def test_size_weights_pick_the_area_ranges(tmp_path):
+    summary = make_synthetic_coco(tmp_path / "a", num_train=30, num_val=1, size_weights=(0, 1, 0))
+    assert summary["train"]["objects"] == summary["train"]["medium"] > 30
+    summary = make_synthetic_coco(tmp_path / "b", num_train=30, num_val=1, size_weights=(1, 0, 3))
+    assert summary["train"]["medium"] == 0 and summary["train"]["small"] > 0 and summary["train"]["large"] > 0
+
+
+def test_clutter_zero_leaves_a_flat_background(tmp_path):
+    make_synthetic_coco(tmp_path, num_train=4, num_val=1, clutter=0)
+    coco = COCO(str(tmp_path / "annotations" / "instances_train2017.json"))
+    for img in coco.loadImgs(coco.getImgIds()):
+        pixels = np.asarray(Image.open(tmp_path / "train2017" / img["file_name"]))
+        background = np.ones(pixels.shape[:2], dtype=bool)
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=img["id"])):
+            x, y, w, h = (int(v) for v in ann["bbox"])
+            background[y:y + h, x:x + w] = False
+        # one colour (the base colour, rounded) wherever no object's box reaches
+        assert len(np.unique(pixels[background], axis=0)) == 1
+
+
 def test_generator_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="one of"):
         make_synthetic_coco(tmp_path, num_train=1, num_val=1, num_classes=7)  # 6 is no id
     with pytest.raises(ValueError, match="image_size"):
         make_synthetic_coco(tmp_path, num_train=1, num_val=1, image_size=5)
+    with pytest.raises(ValueError, match="size_weights"):
+        make_synthetic_coco(tmp_path, num_train=1, num_val=1, size_weights=(1, 1))
+    with pytest.raises(ValueError, match="do not fit"):
+        make_synthetic_coco(tmp_path, num_train=1, num_val=1, image_size=96, size_weights=(0, 0, 1))
+    with pytest.raises(ValueError, match="clutter"):
+        make_synthetic_coco(tmp_path, num_train=1, num_val=1, clutter=-1)
 
 
 def run_cli(monkeypatch, *argv):
