@@ -1,8 +1,8 @@
 """CPU mini-study of the paper's claim: fine-tuning with DAP-loss vs the raw DETR losses.
 
-    python scripts/mini_study.py --out outputs/mini_study          # whole study (see --help for the time)
-    python scripts/mini_study.py --quick --out outputs/mini_quick  # a few minutes: the README demo
-    python scripts/mini_study.py --smoke --out /tmp/smoke          # seconds: what the tests run
+    python scripts/mini_study.py            # whole study: about 25 min on 2 shared CPU cores
+    python scripts/mini_study.py --quick    # DETR only, one seed, no ablations: about 2-3 min (the README demo)
+    python scripts/mini_study.py --smoke    # a handful of tiny images: seconds (what the tests run)
 
 1. generate a synthetic COCO-format dataset (datasets/synthetic.py);
 2. pretrain each tiny detector (DETR, Deformable DETR) with the raw losses;
