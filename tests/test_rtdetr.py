@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-import main
 from datasets.coco import CocoDetection, ConvertCocoAnnotations
 from datasets.rtdetr_transforms import (COCO_CATEGORY_IDS, category_ids, make_rtdetr_transforms,
                                         scaled_size)
@@ -24,8 +23,9 @@ from models.denoising import contrastive_denoising_groups, denoising_attn_mask, 
 from models.ema import ModelEMA
 from models.hybrid_encoder import sincos_position_embedding
 from models.presnet import PResNet
-from models.rtdetr import PostProcess, add_rtdetr_args, rtdetr_param_groups
+from models.rtdetr import PostProcess, rtdetr_param_groups
 from models.rtdetr_decoder import generate_anchors
+from test_main import parse, run
 from util.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
 from util.checkpoint import fit_state_dict, load_checkpoint, model_state_from_checkpoint
 from util.errors import UserInputError
@@ -37,19 +37,6 @@ TINY_RTDETR_FLAGS = [
     "--dec_layers", "2", "--num_queries", "16", "--num_denoising", "8", "--input_scale", "0.1",
     "--num_workers", "0", "--print_freq", "5", "--batch_size", "2",
 ]
-
-
-def parser():
-    p = argparse.ArgumentParser(parents=[main.get_args_parser()])
-    try:
-        add_rtdetr_args(p)
-    except argparse.ArgumentError:
-        pass  # main.get_args_parser() already has them
-    return p
-
-
-def parse(flags):
-    return main.parse_args(parser(), flags)
 
 
 def tiny_args(*flags):
@@ -662,15 +649,7 @@ def test_train_steps_then_shared_evaluation_with_ema(synthetic_coco):
     assert {int(c) for d in detections for c in d["labels"]} <= set(val.coco.getCatIds())
 
 
-# These run through main.main and need the lead's wiring (report): add_rtdetr_args in the parser,
-# the RT-DETR pipelines in datasets/coco.py, model(samples, targets) in training, and the EMA.
-
-
-def run(flags):
-    args = parse(flags)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    return main.main(args)
+# End to end through main.main (parse and run are test_main's).
 
 
 def data_flags(synthetic_coco):
