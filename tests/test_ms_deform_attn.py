@@ -1,8 +1,11 @@
 """Multi-scale deformable attention: the PyTorch operator against a brute-force bilinear reference,
-its gradients, the MSDeformAttn module (parameters, init, sampling locations, padding), and, where
-a GPU and the built extension exist, the CUDA op against the PyTorch operator."""
+its gradients, the MSDeformAttn module (parameters, init, sampling locations, padding), the CUDA
+kernels compiled for the CPU against the PyTorch operator, and, where a GPU and the built extension
+exist, the CUDA op itself against the PyTorch operator."""
+import ctypes
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -242,6 +245,104 @@ def test_module_backward_reaches_every_parameter():
     m(query, ref, src, shapes, start).square().sum().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ---- the CUDA kernels, compiled for the CPU (tests/cuda_host emulates warps and atomics) ---------
+
+HOST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cuda_host')
+
+
+@pytest.fixture(scope='module')
+def host_kernels(tmp_path_factory):
+    """The kernel source of the CUDA op, built with g++ as a CPU library: the kernels' indexing,
+    bilinear weights, boundary handling, warp reductions and atomic accumulation are checked
+    here on every machine, not only where a GPU is lent."""
+    if shutil.which('g++') is None:
+        pytest.skip("needs g++ to compile the kernels for the CPU")
+    library = tmp_path_factory.mktemp('msda_host') / 'msda_host.so'
+    build = subprocess.run(
+        ['g++', '-std=c++20', '-O2', '-pthread', '-shared', '-fPIC', '-Wall', '-Wextra', '-Werror',
+         '-I', HOST_DIR, '-I', os.path.join(OPS_DIR, 'src', 'cuda'),
+         os.path.join(HOST_DIR, 'ms_deform_attn_host.cpp'), '-o', str(library)],
+        capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    return ctypes.CDLL(str(library))
+
+
+def _host_call(lib, name, dtype, tensors, sizes, outputs):
+    """Calls msda_<name>_<f32|f64> with contiguous CPU tensors; returns its status (0 = fine)."""
+    for t in tensors + outputs:
+        assert t.is_contiguous() and t.device.type == 'cpu'
+    fn = getattr(lib, f"msda_{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+    fn.restype = ctypes.c_int
+    pointers = [ctypes.c_void_p(t.data_ptr()) for t in tensors]
+    batch, spatial, *small = sizes
+    ints = [ctypes.c_int64(batch), ctypes.c_int64(spatial)] + [ctypes.c_int(v) for v in small]
+    return fn(*pointers, *ints, *[ctypes.c_void_p(t.data_ptr()) for t in outputs])
+
+
+def host_forward_backward(lib, value, shapes, start, loc, attn, grad_output):
+    """Forward and backward of the kernels on the CPU, launched as ms_deform_attn_cuda.cu does
+    (one batch chunk)."""
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    sizes = (N, S, Lq, M, D, L, P)
+    output = torch.empty(N, Lq, M * D, dtype=value.dtype)
+    assert _host_call(lib, 'forward', value.dtype, [value, shapes, start, loc, attn], sizes, [output]) == 0
+    grads = [torch.zeros_like(value), torch.zeros_like(loc), torch.zeros_like(attn)]
+    status = _host_call(lib, 'backward', value.dtype, [value, shapes, start, loc, attn, grad_output],
+                        sizes, grads)
+    assert status == 0, "the lanes of a warp did not all reach the same shuffles"
+    return [output] + grads
+
+
+def pytorch_forward_backward(value, shapes, loc, attn, grad_output):
+    inputs = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    output = ms_deform_attn_core_pytorch(inputs[0], shapes, inputs[1], inputs[2])
+    output.backward(grad_output)
+    return [output.detach()] + [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('channels', [3, 32, 33, 70])
+def test_host_kernels_match_pytorch(host_kernels, dtype, channels):
+    # channels < 32 leaves lanes idle, 33 and 70 make lanes loop; 2*5*3 = 30 rows end inside a block.
+    value, shapes, start, loc, attn = random_inputs([(6, 4), (3, 2), (2, 1), (1, 1)], N=2, M=3,
+                                                    D=channels, Lq=5, P=3, dtype=dtype)
+    grad_output = torch.randn(2, 5, 3 * channels, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    kernels = host_forward_backward(host_kernels, value, shapes, start, loc, attn, grad_output)
+    reference = pytorch_forward_backward(*(t.double() for t in (value,)), shapes,
+                                         loc.double(), attn.double(), grad_output.double())
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for name, got, want in zip(('output', 'grad_value', 'grad_sampling_loc', 'grad_attn_weight'),
+                               kernels, reference):
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_host_kernels_edges_and_far_away_points(host_kernels):
+    # Points on pixel centres, on the map borders, just outside, and absurdly far away (the
+    # kernels must not convert those to integers): all read zeros outside, as grid_sample does.
+    value, shapes, start, _, attn = random_inputs([(3, 4), (2, 2)], N=1, M=2, D=5, Lq=8, P=2)
+    coords = torch.tensor([0.0, 1.0, 0.5, 1 / 8, -1e-7, 1 + 1e-7, -1e30, 1e30], dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    loc = coords[torch.randint(len(coords), (1, 8, 2, 2, 2, 2), generator=g)]
+    grad_output = torch.randn(1, 8, 10, dtype=torch.float64, generator=g)
+    kernels = host_forward_backward(host_kernels, value, shapes, start, loc, attn, grad_output)
+    reference = pytorch_forward_backward(value, shapes, loc, attn, grad_output)
+    far = loc.abs().amax(-1) > 2
+    assert far.any() and (~far).any()
+    for got, want in zip(kernels[:2] + kernels[3:], reference[:2] + reference[3:]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # Location gradients: grid_sample's and the kernels' agree where the point is not on a pixel
+    # boundary (there the bilinear weight has a kink and each picks a side).
+    on_grid = torch.zeros_like(far)
+    for lvl, (h, w) in enumerate(shapes.tolist()):
+        for axis, size in ((0, w), (1, h)):
+            pixels = loc[:, :, :, lvl, :, axis] * size - 0.5
+            on_grid[:, :, :, lvl] |= (pixels == pixels.round()) & ~far[:, :, :, lvl]
+    smooth = ~on_grid
+    assert smooth.any()
+    torch.testing.assert_close(kernels[2][smooth], reference[2][smooth], rtol=1e-10, atol=1e-12)
 
 
 # ---- the CUDA op (GPU machines with the extension built) ---------------------------------------
