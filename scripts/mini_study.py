@@ -7,7 +7,8 @@
 1. generate a synthetic COCO-format dataset (datasets/synthetic.py);
 2. pretrain each tiny detector (DETR, Deformable DETR) with the raw losses;
 3. fine-tune each from its checkpoint with every arm (raw; DAP with the constant matcher; DAP
-   with the momentum matcher; raw + DAP): same data order, same schedule, for several seeds;
+   with the momentum matcher; raw + DAP; and, as a control, raw at 10x the learning rate): same
+   data order, same schedule, for several seeds;
 4. ablations of the DAP arm on the first detector (sigma, N, batch size; the paper's Figure 3);
 5. write results.md (the tables) and PNG plots into --out.
 
@@ -54,11 +55,15 @@ MODELS = {
     "deformable_detr": ("Deformable DETR", TINY + ["--model", "deformable_detr", "--num_feature_levels", "3"],
                         dict(lr=5e-4, lr_backbone=0, batch_size=4)),
 }
+# name: (title, flags, learning rate in units of the recipe's). The last arm is a control, not in
+# the paper: raw fine-tuning at the pretraining learning rate asks whether DAP's gain is only that
+# of pushing the model harder, or of training longer at the rate that got it there.
 ARMS = {
-    "raw": ("raw", ["--loss", "raw"]),
-    "dap_constant": ("DAP, constant matcher", ["--loss", "dap", "--matcher", "dap", "--dap_cost_mode", "constant"]),
-    "dap_momentum": ("DAP, momentum matcher", ["--loss", "dap", "--matcher", "dap", "--dap_cost_mode", "momentum"]),
-    "raw+dap": ("raw + DAP", ["--loss", "raw+dap"]),
+    "raw": ("raw", ["--loss", "raw"], 1),
+    "dap_constant": ("DAP, constant matcher", ["--loss", "dap", "--matcher", "dap", "--dap_cost_mode", "constant"], 1),
+    "dap_momentum": ("DAP, momentum matcher", ["--loss", "dap", "--matcher", "dap", "--dap_cost_mode", "momentum"], 1),
+    "raw+dap": ("raw + DAP", ["--loss", "raw+dap"], 1),
+    "raw_lr10": ("raw, 10x learning rate (control)", ["--loss", "raw"], 10),
 }
 # name: (column title, flag, values); run on the DAP (constant matcher) arm of the first model.
 ABLATIONS = {
@@ -176,7 +181,7 @@ def plan(preset, out, data_dir, num_classes):
         return MODELS[model][1] + common + ARMS[arm][1] + [
             "--finetune", pretrain[model].dir / "checkpoint.pth", "--epochs", ft["epochs"],
             "--lr_drop", max(ft["epochs"] - 1, 1), "--batch_size", ft["batch_size"],
-            "--lr", MODELS[model][2]["lr"] / 10, "--lr_backbone", 0, "--dap_num_gt", 0, "--seed", seed, *extra]
+            "--lr", MODELS[model][2]["lr"] / 10 * ARMS[arm][2], "--lr_backbone", 0, "--dap_num_gt", 0, "--seed", seed, *extra]
 
     arms = {(m, a, s): Run(out / m / f"seed{s}" / a, finetune(m, a, s))
             for m in preset["models"] for a in ARMS for s in preset["seeds"]}
@@ -218,7 +223,7 @@ def table_finetuning(preset, pretrain, arms):
         start = " | ".join(mean_std([v]) for v in pretrain[m].coco())
         lines.append(f"| {title} | start (pretrained) | {start} |")
         raw = [arms[(m, "raw", s)].coco() for s in preset["seeds"]]
-        for arm, (label, _) in ARMS.items():
+        for arm, (label, *_) in ARMS.items():
             stats = [arms[(m, arm, s)].coco() for s in preset["seeds"]]
             cells = []
             for i in range(len(COCO_NAMES)):
@@ -234,7 +239,7 @@ def table_paired(preset, arms):
     """AP of each arm minus the raw arm's, seed by seed (same data order and start)."""
     lines = ["| model | fine-tuning | ΔAP per seed | mean ± std | seeds better than raw |", "|---|---|---|---|---|"]
     for m in preset["models"]:
-        for arm, (label, _) in ARMS.items():
+        for arm, (label, *_) in ARMS.items():
             if arm == "raw":
                 continue
             deltas = [arms[(m, arm, s)].coco()[0] - arms[(m, "raw", s)].coco()[0] for s in preset["seeds"]]
@@ -271,7 +276,7 @@ def plot_finetune_curves(preset, model, pretrain, arms, out_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, len(CURVES) // 2, figsize=(13, 7))
-    for colour, (arm, (label, _)) in enumerate(ARMS.items()):
+    for colour, (arm, (label, *_)) in enumerate(ARMS.items()):
         style = dict(label=label, color=f"C{colour}")  # one colour per arm in every panel
         runs = [arms[(model, arm, s)] for s in preset["seeds"]]
         steps = [r.iterations() for r in runs]
@@ -325,7 +330,7 @@ def write_plots(preset, out, pretrain, arms, ablations):
         # the arms first: they get the colours of the curves plot
         plot_precision_recall([arms[(m, a, seed)].dir / "eval" / "latest.pth" for a in ARMS]
                               + [pretrain[m].dir / "eval" / "latest.pth"],
-                              names=[label for label, _ in ARMS.values()] + ["start (pretrained)"],
+                              names=[label for label, *_ in ARMS.values()] + ["start (pretrained)"],
                               out_path=out / f"{m}_precision_recall.png")
         names += [f"{m}_finetune_curves.png", f"{m}_precision_recall.png"]
     if ablations:

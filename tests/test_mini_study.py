@@ -61,7 +61,7 @@ def test_smoke_evaluates_every_arm_and_writes_every_plot(smoke):
     # the main table: a row per model and arm, plus the pretrained start
     table = results.split("## Fine-tuning arms")[1].split("### Paired")[0]
     rows = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith(("| DETR", "| Deformable"))]
-    labels = ["start (pretrained)"] + [label for label, _ in mini_study.ARMS.values()]
+    labels = ["start (pretrained)"] + [label for label, *_ in mini_study.ARMS.values()]
     assert rows == [["| DETR", label] for label in labels] + [["| Deformable DETR", label] for label in labels]
 
 
@@ -95,7 +95,7 @@ class FakeRun:
 
 def test_tables_report_mean_std_and_difference_to_raw():
     preset = {"models": ("detr",), "seeds": (0, 1)}
-    base = {"raw": 10.0, "dap_constant": 12.0, "dap_momentum": 9.0, "raw+dap": 10.0}
+    base = {"raw": 10.0, "dap_constant": 12.0, "dap_momentum": 9.0, "raw+dap": 10.0, "raw_lr10": 10.5}
     arms = {("detr", arm, s): FakeRun([ap + 2 * s, 20, 5, -100, 1, 2]) for arm, ap in base.items() for s in (0, 1)}
     pretrain = {"detr": FakeRun([8, 18, 4, -100, 1, 2])}
     table = mini_study.table_finetuning(preset, pretrain, arms).splitlines()
@@ -107,6 +107,7 @@ def test_tables_report_mean_std_and_difference_to_raw():
     paired = mini_study.table_paired(preset, arms).splitlines()
     assert paired[2] == "| DETR | DAP, constant matcher | +2.0, +2.0 | 2.0 ± 0.0 | 2 of 2 |"
     assert paired[4] == "| DETR | raw + DAP | +0.0, +0.0 | 0.0 ± 0.0 | 0 of 2 |"
+    assert paired[5] == "| DETR | raw, 10x learning rate (control) | +0.5, +0.5 | 0.5 ± 0.0 | 2 of 2 |"
 
 
 def test_ablation_table_has_one_column_pair_per_parameter():
@@ -117,3 +118,10 @@ def test_ablation_table_has_one_column_pair_per_parameter():
     assert table[2] == "| 0.01 | 0.0 | 4 | 0.0 | 2 | 0.0 |"
     assert table[6] == "| 0.2 | 4.0 | 64 | 4.0 |  |  |"
     assert len(table) == 2 + 5
+
+
+def test_control_arm_is_the_raw_arm_at_ten_times_the_learning_rate(tmp_path):
+    _, arms, _ = mini_study.plan(mini_study.PRESETS["smoke"], tmp_path, str(tmp_path / "data"), 6)
+    raw, control = (mini_study.parse_flags(arms[("detr", arm, 0)].flags) for arm in ("raw", "raw_lr10"))
+    assert control.lr == pytest.approx(10 * raw.lr) and control.loss == "raw"
+    assert {k for k, v in vars(raw).items() if getattr(control, k) != v} == {"lr", "output_dir"}
