@@ -24,6 +24,35 @@ def loss_log_values(loss_dict, weight_dict):
     return sum(scaled.values()), {**scaled, **unscaled, **unweighted}
 
 
+class MixedPrecision:
+    """--amp: the model's forward under torch.autocast (float16 on CUDA; bfloat16 on the CPU,
+    which has no fast float16), the criterion on float32 copies of the outputs (matching costs and
+    DAP's soft counts need the range), and on CUDA a GradScaler against float16 gradient
+    underflow. Disabled, every method is the identity and the scaler a pass-through."""
+
+    def __init__(self, device, enabled, use_scaler=None):
+        self.enabled = enabled
+        self.device_type = torch.device(device).type
+        self.dtype = torch.float16 if self.device_type == "cuda" else torch.bfloat16
+        use_scaler = self.device_type == "cuda" if use_scaler is None else use_scaler
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=enabled and use_scaler)
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def float32(self, outputs):
+        """outputs with every half-precision tensor, at any depth of dicts and lists, in float32."""
+        if not self.enabled:
+            return outputs
+        if isinstance(outputs, dict):
+            return {k: self.float32(v) for k, v in outputs.items()}
+        if isinstance(outputs, (list, tuple)):
+            return type(outputs)(self.float32(v) for v in outputs)
+        if torch.is_tensor(outputs) and outputs.dtype in (torch.float16, torch.bfloat16):
+            return outputs.float()
+        return outputs
+
+
 class AccumulationSteps:
     """The loader's batches grouped by optimisation step: lists of accum_iter micro-batches
     (the last step of an epoch may hold fewer)."""
@@ -46,14 +75,15 @@ class AccumulationSteps:
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0, print_freq=10,
-                    accum_iter=1, ema=None, iteration_log=None):
+                    accum_iter=1, ema=None, iteration_log=None, amp=None):
     """One epoch; each optimisation step accumulates the gradients of accum_iter batches.
     The criterion normalises every micro-batch by the totals of the whole step, so the step's
     gradient is that of one batch holding all its images (see SetCriterion.forward).
 
     ema: a ModelEMA updated after every optimisation step. iteration_log: a path; one JSON
     line per optimisation step is appended to it (epoch, step, lr and the logged values,
-    averaged over the step's micro-batches)."""
+    averaged over the step's micro-batches). amp: a MixedPrecision (default: disabled)."""
+    amp = amp or MixedPrecision(device, enabled=False)
     model.train()
     criterion.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -63,7 +93,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     with open(iteration_log, "a") if iteration_log else contextlib.nullcontext() as log_file:
         steps = metric_logger.log_every(AccumulationSteps(data_loader, accum_iter), print_freq, header)
         for step_index, step in enumerate(steps):
-            step_values = _train_step(model, criterion, step, optimizer, device, max_norm, metric_logger)
+            step_values = _train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp)
             if ema is not None:
                 ema.update(model)
             if log_file is not None:
@@ -76,7 +106,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
-def _train_step(model, criterion, step, optimizer, device, max_norm, metric_logger):
+def _train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp):
     """One optimisation step over its micro-batches; returns each micro-batch's logged values."""
     step_targets = [[{k: v.to(device) for k, v in t.items()} for t in targets] for _, targets in step]
     optimizer.zero_grad()
@@ -85,10 +115,11 @@ def _train_step(model, criterion, step, optimizer, device, max_norm, metric_logg
         # Gradients are all-reduced once per step, on its last micro-batch.
         last = i == len(step) - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            outputs = model(samples.to(device), targets)
-            loss_dict = criterion(outputs, targets, step_targets=step_targets)
+            with amp.autocast():
+                outputs = model(samples.to(device), targets)
+            loss_dict = criterion(amp.float32(outputs), targets, step_targets=step_targets)
             losses = weighted_loss(loss_dict, criterion.weight_dict)
-            (losses / len(step)).backward()
+            amp.scaler.scale(losses / len(step)).backward()
 
         loss_value, log_values = loss_log_values(loss_dict, criterion.weight_dict)
         loss_value = float(loss_value)
@@ -101,8 +132,10 @@ def _train_step(model, criterion, step, optimizer, device, max_norm, metric_logg
         step_values.append({"loss": loss_value, **{k: float(v) for k, v in log_values.items()}})
 
     if max_norm > 0:
+        amp.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    optimizer.step()
+    amp.scaler.step(optimizer)  # skipped (and the scale lowered) if a gradient overflowed
+    amp.scaler.update()
     metric_logger.update(lr=optimizer.param_groups[0]["lr"])
     return step_values
 

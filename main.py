@@ -16,7 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset
-from engine import evaluate, train_one_epoch
+from engine import MixedPrecision, evaluate, train_one_epoch
 from models import MODEL_DEFAULTS, build_model
 from models.ema import ModelEMA
 from models.rtdetr import add_rtdetr_args, rtdetr_param_groups
@@ -128,6 +128,9 @@ def get_args_parser():
 
     parser.add_argument("--output_dir", default="", help="where to save checkpoints and logs; empty = no saving")
     parser.add_argument("--device", default="cuda", help="cuda or cpu")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed-precision training: float16 autocast and a GradScaler on CUDA, bfloat16 "
+                             "autocast on the CPU; losses and evaluation stay in float32")
     parser.add_argument("--seed", default=42, type=int)
     parser.add_argument("--resume", default="", help="resume training from a checkpoint (path or URL)")
     parser.add_argument("--finetune", default="", metavar="PATH_OR_URL",
@@ -231,15 +234,18 @@ def build_loaders(dataset_train, dataset_val, args):
     return sampler_train, data_loader_train, data_loader_val
 
 
-def save_checkpoint(path, model_without_ddp, criterion, optimizer, lr_scheduler, epoch, args, ema=None):
+def save_checkpoint(path, model_without_ddp, criterion, optimizer, lr_scheduler, epoch, args, ema=None,
+                    scaler=None):
     """Write atomically (temp file + rename) so a job killed mid-write leaves the last good file.
-    'matcher' holds the matcher's state (the DAP momentum precision table; empty otherwise)."""
+    'matcher' holds the matcher's state (the DAP momentum precision table; empty otherwise);
+    'ema' and 'scaler' (the GradScaler of --amp on CUDA) are there when in use."""
     if not utils.is_main_process():
         return
     tmp = path.with_suffix(".pth.tmp")
     torch.save({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-                "matcher": criterion.matcher.state_dict(), **({"ema": ema.state_dict()} if ema else {})}, tmp)
+                "matcher": criterion.matcher.state_dict(), **({"ema": ema.state_dict()} if ema else {}),
+                **({"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {})}, tmp)
     tmp.replace(path)
 
 
@@ -316,6 +322,9 @@ def main(args):
             if args.output_dir and utils.is_main_process():
                 for log_name in ("log.txt", "iterations.jsonl"):
                     drop_log_lines_from(Path(args.output_dir) / log_name, args.start_epoch)
+    amp = MixedPrecision(device, args.amp)
+    if amp.scaler.is_enabled() and args.resume and "scaler" in checkpoint and not args.eval:
+        amp.scaler.load_state_dict(checkpoint["scaler"])
     ema = ModelEMA(model_without_ddp, args.ema_decay, args.ema_warmups) if args.ema else None
     if ema is not None and args.resume and "ema" in checkpoint:
         ema.load_state_dict(checkpoint["ema"])
@@ -348,7 +357,7 @@ def main(args):
                          if args.log_iterations and output_dir and utils.is_main_process() else None)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
                                       args.clip_max_norm, print_freq=args.print_freq, accum_iter=args.accum_iter,
-                                      ema=ema, iteration_log=iteration_log)
+                                      ema=ema, iteration_log=iteration_log, amp=amp)
         lr_scheduler.step()
 
         test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds,
@@ -367,11 +376,11 @@ def main(args):
                 save_coco_eval(coco_evaluator, output_dir / "eval" / f"{epoch:03}.pth")
         if output_dir:
             save_checkpoint(output_dir / "checkpoint.pth", model_without_ddp, criterion, optimizer, lr_scheduler,
-                            epoch, args, ema)
+                            epoch, args, ema, amp.scaler)
             # Extra copies before each learning-rate drop and every checkpoint_period epochs, as upstream.
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.checkpoint_period == 0:
                 save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", model_without_ddp, criterion,
-                                optimizer, lr_scheduler, epoch, args, ema)
+                                optimizer, lr_scheduler, epoch, args, ema, amp.scaler)
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")

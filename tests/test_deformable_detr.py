@@ -530,3 +530,14 @@ def test_train_checkpoint_resume_eval(variant, flags, synthetic_coco, tmp_path):
 
     stats = run('--output_dir', str(tmp_path / 'eval'), '--eval', '--resume', str(straight / 'checkpoint.pth'))
     assert stats['coco_eval_bbox'] == pytest.approx(last['test_coco_eval_bbox'], abs=1e-9)
+
+
+def test_amp_trains_two_stage_with_dap(synthetic_coco):
+    # bfloat16 autocast on the CPU: the PyTorch deformable-attention path, the two-stage
+    # proposals and the encoder's DAP term all run under it.
+    path, num_classes = synthetic_coco
+    stats = detr_main.main(parse(TINY_FLAGS + VARIANTS['two_stage'] + [
+        '--loss', 'raw+dap', '--amp', '--epochs', '1', '--num_feature_levels', '2',
+        '--coco_path', path, '--num_classes', str(num_classes)]))
+    assert math.isfinite(stats['train_loss']) and 'train_loss_dap_enc' in stats
+    assert len(stats['test_coco_eval_bbox']) == 12

@@ -659,6 +659,7 @@ def data_flags(synthetic_coco):
 @pytest.mark.parametrize("flags", [
     [], ["--no_iou_aware_query_selection"], ["--loss", "raw+dap"],
     ["--loss", "raw+dap", "--no_iou_aware_query_selection"], ["--loss", "dap", "--no_iou_aware_query_selection"],
+    ["--loss", "raw+dap", "--amp"],  # bfloat16 autocast on the CPU
 ])
 def test_main_trains_each_configuration(synthetic_coco, flags):
     stats = run(data_flags(synthetic_coco) + flags + ["--epochs", "1"])

@@ -1,0 +1,123 @@
+"""engine.py: mixed precision (--amp) — the float32 copies the criterion sees, the GradScaler
+step against a plain step, overflow handling — and --amp end to end on the CPU (bfloat16)."""
+import pytest
+import torch
+from torch import nn
+
+import util.misc as utils
+from engine import MixedPrecision, _train_step
+from test_main import data_flags, run
+
+
+def test_disabled_mixed_precision_changes_nothing():
+    amp = MixedPrecision("cpu", enabled=False)
+    outputs = {"pred_logits": torch.zeros(2, dtype=torch.bfloat16)}
+    assert amp.float32(outputs) is outputs
+    with amp.autocast():
+        assert nn.Linear(3, 2)(torch.randn(4, 3)).dtype == torch.float32
+    assert not amp.scaler.is_enabled()
+
+
+def test_float32_copies_every_half_tensor_at_any_depth():
+    amp = MixedPrecision("cpu", enabled=True)
+    assert amp.dtype == torch.bfloat16 and not amp.scaler.is_enabled()  # no scaler without float16
+    with amp.autocast():
+        assert nn.Linear(3, 2)(torch.randn(4, 3)).dtype == torch.bfloat16
+    logits = torch.randn(2, 3).to(torch.bfloat16)
+    outputs = {"pred_logits": logits, "pred_boxes": torch.rand(2, 4, dtype=torch.float16),
+               "aux_outputs": [{"pred_logits": logits}], "dn_meta": {"dn_num_split": [4, 10], "pad": 2},
+               "indices": (torch.arange(3),), "already": torch.ones(2, dtype=torch.float64)}
+    cast = amp.float32(outputs)
+    assert cast["pred_logits"].dtype == cast["pred_boxes"].dtype == cast["aux_outputs"][0]["pred_logits"].dtype \
+        == torch.float32
+    assert torch.equal(cast["pred_logits"], logits.float())
+    assert cast["dn_meta"] == {"dn_num_split": [4, 10], "pad": 2}
+    assert isinstance(cast["indices"], tuple) and cast["indices"][0].dtype == torch.int64
+    assert cast["already"].dtype == torch.float64
+
+
+class Scale(nn.Module):
+    """Elementwise only: autocast leaves it in float32, so with the scaler on, the scaling is
+    the only difference from a plain step."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5, -2.0, 3.0]))
+
+    def forward(self, samples, targets):
+        return {"pred": self.w * samples}
+
+
+class SquaredError(nn.Module):
+    weight_dict = {"loss_sq": 1.0}
+
+    def __init__(self, factor=1.0):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, outputs, targets, step_targets=None):
+        return {"loss_sq": self.factor * ((outputs["pred"] - 1) ** 2).sum()}
+
+
+def one_step(amp, factor=1.0, max_norm=0.0):
+    torch.manual_seed(0)
+    model = Scale()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = [(torch.tensor([1.0, 2.0, -1.0]), [{"image_id": torch.tensor([0])}]),
+            (torch.tensor([0.5, 1.0, 2.0]), [{"image_id": torch.tensor([1])}])]  # two micro-batches
+    _train_step(model, SquaredError(factor), step, optimizer, "cpu", max_norm, utils.MetricLogger(), amp)
+    return model.w.detach()
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5])
+def test_scaled_step_is_the_plain_step(max_norm):
+    # The scale is a power of two: scaling and unscaling are exact, also before clipping.
+    scaled = MixedPrecision("cpu", enabled=True, use_scaler=True)
+    assert scaled.scaler.get_scale() == 2.0 ** 16
+    plain = one_step(MixedPrecision("cpu", enabled=False), max_norm=max_norm)
+    assert not torch.equal(plain, torch.tensor([0.5, -2.0, 3.0]))
+    assert torch.equal(one_step(scaled, max_norm=max_norm), plain)
+
+
+def test_overflowing_step_is_skipped_and_the_scale_lowered():
+    # A finite loss whose scaled gradient overflows float32: no update, half the scale.
+    amp = MixedPrecision("cpu", enabled=True, use_scaler=True)
+    assert torch.equal(one_step(amp, factor=1e34), torch.tensor([0.5, -2.0, 3.0]))
+    assert amp.scaler.get_scale() == 2.0 ** 15
+
+
+def test_amp_trains_detr_with_dap_in_bfloat16_on_the_cpu(synthetic_coco, tmp_path):
+    flags = data_flags(synthetic_coco) + ["--epochs", "1", "--loss", "raw+dap", "--matcher", "dap"]
+    full = run(flags + ["--output_dir", str(tmp_path / "fp32")])
+    mixed = run(flags + ["--output_dir", str(tmp_path / "amp"), "--amp"])
+    assert len(mixed["test_coco_eval_bbox"]) == 12
+    # same data, same initial weights: close, but not equal (the forward ran in bfloat16)
+    assert mixed["train_loss"] != full["train_loss"]
+    assert mixed["train_loss"] == pytest.approx(full["train_loss"], rel=0.05)
+    assert mixed["train_loss_dap"] == pytest.approx(full["train_loss_dap"], rel=0.05, abs=0.02)
+
+
+def test_grad_scaler_state_is_checkpointed_and_resumed(synthetic_coco, tmp_path, monkeypatch):
+    # The scaler runs only on CUDA; forced on here, so that its checkpointing runs on the CPU.
+    import main as detr_main
+    monkeypatch.setattr(detr_main, "MixedPrecision",
+                        lambda device, enabled: MixedPrecision(device, enabled, use_scaler=True))
+    flags = data_flags(synthetic_coco) + ["--amp", "--output_dir", str(tmp_path)]
+    run(flags + ["--epochs", "1"])
+    path = tmp_path / "checkpoint.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["scaler"]["scale"] == 2.0 ** 16
+    checkpoint["scaler"]["scale"] = 1024.0  # a scale the run could not have reached by itself
+    torch.save(checkpoint, path)
+    run(flags + ["--epochs", "2", "--resume", str(path)])
+    assert torch.load(path, weights_only=False)["scaler"]["scale"] == 1024.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_amp_on_cuda_uses_float16_and_the_grad_scaler(synthetic_coco, tmp_path):
+    amp = MixedPrecision("cuda", enabled=True)
+    assert amp.dtype == torch.float16 and amp.scaler.is_enabled()
+    stats = run(data_flags(synthetic_coco) + ["--device", "cuda", "--amp", "--epochs", "1", "--loss", "raw+dap",
+                                              "--output_dir", str(tmp_path)])
+    assert len(stats["test_coco_eval_bbox"]) == 12
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["scaler"]["scale"] > 0
