@@ -106,18 +106,44 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
+def counting_pass(model, criterion, step, step_targets, device, amp):
+    """First pass of an accumulated step with DAP-loss: every micro-batch forward without
+    gradients, to give the criterion the soft counts of the whole step (DAP's precision is that
+    of the step's batch, as without accumulation). Buffers (batch-norm statistics) are restored
+    afterwards; returns the RNG state before each micro-batch, so that the second pass draws
+    the same dropout, denoising noise and input scale, hence gives the same counts. Costs one
+    forward pass per micro-batch."""
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    rng_states, step_records = [], []
+    with torch.no_grad():
+        for (samples, _), targets in zip(step, step_targets):
+            rng_states.append(utils.get_rng_state())
+            with amp.autocast():
+                outputs = model(samples.to(device), targets)
+            step_records.append(criterion.micro_batch_records(amp.float32(outputs), targets, step_targets))
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+    criterion.set_step_records(step_records)
+    return rng_states
+
+
 def _train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp):
     """One optimisation step over its micro-batches; returns each micro-batch's logged values."""
     step_targets = [[{k: v.to(device) for k, v in t.items()} for t in targets] for _, targets in step]
     optimizer.zero_grad()
+    counted = len(step) > 1 and getattr(criterion, "needs_counting_pass", False)
+    rng_states = counting_pass(model, criterion, step, step_targets, device, amp) if counted else None
     step_values = []
     for i, ((samples, _), targets) in enumerate(zip(step, step_targets)):
         # Gradients are all-reduced once per step, on its last micro-batch.
         last = i == len(step) - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            if counted:
+                utils.set_rng_state(rng_states[i])
             with amp.autocast():
                 outputs = model(samples.to(device), targets)
-            loss_dict = criterion(amp.float32(outputs), targets, step_targets=step_targets)
+            loss_dict = criterion(amp.float32(outputs), targets, step_targets=step_targets,
+                                  **({"micro_batch": i} if counted else {}))
             losses = weighted_loss(loss_dict, criterion.weight_dict)
             amp.scaler.scale(losses / len(step)).backward()
 

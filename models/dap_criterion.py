@@ -120,6 +120,13 @@ def localisation_function(ious, interp_precision, iou_thresholds=COCO_IOU_THRESH
     return h0 + weight * (heights[seg + 1] - h0)
 
 
+def localisation_sum(pos_scores, pos_ious, precision, *, sigma=0.05, iou_thresholds=COCO_IOU_THRESHOLDS):
+    """The sum of Eq. 10 over positives b and bins i of F_i(s_b) * L̂_i(IoU_b), for a given
+    interpolated precision table [K, N]."""
+    thresholds = score_thresholds(precision.shape[-1], pos_scores.dtype, pos_scores.device)
+    return (bin_mass(pos_scores, thresholds, sigma) * localisation_function(pos_ious, precision, iou_thresholds)).sum()
+
+
 def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, *, num_bins=32, sigma=0.05,
                             num_gt=None, iou_thresholds=COCO_IOU_THRESHOLDS, reduce_counts=None):
     """DAP (Eq. 10) and the interpolated precision table it was built from.
@@ -136,19 +143,22 @@ def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, *, num_bins=32, si
     reduce = reduce_counts if reduce_counts is not None else (lambda counts: counts)
     dtype, device = pos_scores.dtype, pos_scores.device
     thresholds = score_thresholds(num_bins, dtype, device)
-    pos_tails = tail_mass(pos_scores, thresholds, sigma)
-    tp, fp = soft_counts(pos_tails, pos_ious, tail_mass(neg_scores, thresholds, sigma), iou_thresholds)
+    tp, fp = soft_counts(tail_mass(pos_scores, thresholds, sigma), pos_ious,
+                         tail_mass(neg_scores, thresholds, sigma), iou_thresholds)
     precision = interpolated_precision(precision_from_counts(reduce(tp), reduce(fp)))
 
     if num_gt is None:
         num_gt = reduce(torch.tensor(float(pos_scores.numel()), dtype=dtype, device=device))
     num_gt = torch.as_tensor(num_gt, dtype=dtype, device=device)
-    # Eq. 10: sum over positives and bins of F_i(s_b) * L̂_i(IoU_b), averaged over the IoU thresholds.
-    total = (_mass_from_tails(pos_tails) * localisation_function(pos_ious, precision, iou_thresholds)).sum()
-    denom = len(iou_thresholds) * num_gt
-    has_gt = num_gt > 0
-    dap = torch.where(has_gt, total / torch.where(has_gt, denom, torch.ones_like(denom)), 0.0)
-    return DAPTerms(dap, precision)
+    # Eq. 10: the sum averaged over the IoU thresholds and divided by G.
+    total = localisation_sum(pos_scores, pos_ious, precision, sigma=sigma, iou_thresholds=iou_thresholds)
+    return DAPTerms(safe_divide(total, len(iou_thresholds) * num_gt), precision)
+
+
+def safe_divide(total, denominator):
+    """total / denominator, and 0 where the denominator is 0 (no ground truth: DAP = 0)."""
+    nonzero = denominator > 0
+    return torch.where(nonzero, total / torch.where(nonzero, denominator, torch.ones_like(denominator)), 0.0)
 
 
 def differentiable_ap(pos_scores, pos_ious, neg_scores, *, num_bins=32, sigma=0.05, num_gt=None,
@@ -217,6 +227,33 @@ def differentiable_all_reduce(tensor):
     return torch.distributed.nn.functional.all_reduce(tensor)
 
 
+class LayerRecord(NamedTuple):
+    """One layer of one micro-batch, detached: what the step's other micro-batches need."""
+    counts: list              # [tp, fp], each [K, N], summed over processes
+    pos_scores: torch.Tensor  # this process's positives
+    pos_ious: torch.Tensor
+
+
+class CountReducer:
+    """The reduce_counts of one layer (see differentiable_ap_terms): sums tp and fp over
+    processes, keeps them (detached) in .counts, and adds `offsets`, the counts of the step's
+    other micro-batches: under gradient accumulation the precision is then that of the whole
+    step, while the gradient flows through this micro-batch's own counts only."""
+
+    def __init__(self, distributed, offsets=None):
+        self.distributed = distributed
+        self.offsets = offsets
+        self.counts = []
+
+    def __call__(self, counts):
+        if self.distributed:
+            counts = differentiable_all_reduce(counts)
+        self.counts.append(counts.detach())
+        if self.offsets is not None:
+            counts = counts + self.offsets[len(self.counts) - 1]
+        return counts
+
+
 class DAPCriterionMixin:
     """Adds the 'dap' loss to a set criterion: loss_dap = -DAP (Eq. 9) of every decoder layer
     (and of a two-stage encoder's proposals, suffix _enc), matched by the criterion's own
@@ -226,9 +263,14 @@ class DAPCriterionMixin:
     Each process computes its positives' share of the global DAP (the counts and G are global)
     and scales it by the number of processes: DDP's gradient average then gives exactly the
     gradient of the global DAP, and the logged average over processes is the global DAP, as
-    the upstream losses do with their box count. Under gradient accumulation, G (when counted)
-    is that of the whole step, but the soft counts, hence the precision, are those of one
-    micro-batch of every process: DAP of the step = sum over micro-batches of their shares.
+    the upstream losses do with their box count.
+
+    Gradient accumulation: the engine first runs every micro-batch of the step without
+    gradients and hands what micro_batch_records keeps of each (its counts and positives) to
+    set_step_records. Each micro-batch is then called with micro_batch=i: it adds the other
+    micro-batches' counts to its own, so the precision and the DAP are those of the whole step,
+    and their positives' terms of Eq. 10 through the precision, so the summed gradients are
+    those of one batch holding all the step's images. The momentum matcher moves once per step.
     """
 
     @property
@@ -245,20 +287,39 @@ class DAPCriterionMixin:
         self.dap_sigma = sigma
         self.dap_num_gt = num_gt if num_gt else None  # 0 means "count the ground truth"
         self.dap_neg_topk = neg_topk
+        self._step_records = None
+
+    @property
+    def needs_counting_pass(self):
+        """Whether an accumulated step must be counted first (see the class docstring)."""
+        return "dap" in self.losses
 
     def loss_dap(self, outputs, targets, indices, num_boxes, final_layer=True):
         pos_scores, pos_ious, neg_scores = gather_detections(
             outputs, targets, indices, self.dap_activation, self.dap_neg_topk)
-        distributed = is_dist_avail_and_initialized()
         # (process, micro-batch) pairs of the optimisation step: the engine divides each
         # micro-batch's loss by their number and DDP averages over processes.
         shares = get_world_size() * self._micro_batches
         # G counted: the positives of the whole step (one-to-one matching pairs min(Q, T) per image).
         num_gt = self.dap_num_gt if self.dap_num_gt is not None else self._num_matched() * shares
+        # Layers are scored in the same order in every call: the i-th call is the i-th layer.
+        others = None if self._others is None else self._others[len(self._layer_records)]
+        reducer = CountReducer(is_dist_avail_and_initialized(), None if others is None else others.counts)
         terms = differentiable_ap_terms(
             pos_scores, pos_ious, neg_scores, num_bins=self.dap_num_bins, sigma=self.dap_sigma,
-            num_gt=num_gt, reduce_counts=differentiable_all_reduce if distributed else None)
-        dap = terms.dap * shares
+            num_gt=num_gt, reduce_counts=reducer)
+        self._layer_records.append(LayerRecord(reducer.counts, pos_scores.detach(), pos_ious.detach()))
+        dap = terms.dap
+        if others is not None:
+            # The other micro-batches' positives in Eq. 10: constant in value, but through the
+            # precision table a function of this micro-batch's counts. With them the gradient
+            # through the precision is that of the whole step's DAP, not of this share alone.
+            others_sum = localisation_sum(others.pos_scores, others.pos_ious, terms.precision,
+                                          sigma=self.dap_sigma)
+            denominator = others_sum.new_tensor(len(COCO_IOU_THRESHOLDS) * float(num_gt))
+            through_precision = safe_divide(others_sum, denominator)
+            dap = dap + (through_precision - through_precision.detach())
+        dap = dap * shares
         losses = {"loss_dap": -dap}
         if final_layer:
             precision = terms.precision.detach()
@@ -266,12 +327,41 @@ class DAPCriterionMixin:
             self._final_precision = precision
         return losses
 
-    def forward(self, outputs, targets, **kwargs):
-        # The momentum matcher's table moves only after every layer of the iteration has been
-        # matched, so all layers see the table of the earlier iterations (spec section 2).
+    @torch.no_grad()
+    def micro_batch_records(self, outputs, targets, step_targets):
+        """What the first pass of an accumulated step keeps of one micro-batch: a LayerRecord
+        per layer (counts summed over processes, this process's positives). Changes no state."""
+        self._forward(outputs, targets, None, step_targets=step_targets)
+        return self._layer_records
+
+    def set_step_records(self, step_records):
+        """step_records[i]: what micro_batch_records kept of micro-batch i of the step."""
+        self._step_records = step_records
+
+    def _other_micro_batches(self, micro_batch):
+        """Per layer, a LayerRecord of every micro-batch of the step but this one, merged."""
+        others = [records for i, records in enumerate(self._step_records) if i != micro_batch]
+        if not others:
+            return None
+        return [LayerRecord([sum(records[layer].counts[k] for records in others) for k in range(2)],
+                            torch.cat([records[layer].pos_scores for records in others]),
+                            torch.cat([records[layer].pos_ious for records in others]))
+                for layer in range(len(others[0]))]
+
+    def _forward(self, outputs, targets, micro_batch, **kwargs):
         self._final_precision = None
-        losses = super().forward(outputs, targets, **kwargs)
+        self._layer_records = []
+        self._others = None if micro_batch is None else self._other_micro_batches(micro_batch)
+        return super().forward(outputs, targets, **kwargs)
+
+    def forward(self, outputs, targets, micro_batch=None, **kwargs):
+        """micro_batch: the index of this micro-batch in an accumulated step whose counts were
+        given to set_step_records; None: this batch is counted on its own."""
+        losses = self._forward(outputs, targets, micro_batch, **kwargs)
+        # The momentum matcher's table moves only after every layer of the step has been
+        # matched, so all layers see the table of the earlier steps (spec section 2).
+        last = micro_batch is None or micro_batch == len(self._step_records) - 1
         update = getattr(self.matcher, "update_precision", None)
-        if self.training and update is not None and self._final_precision is not None:
+        if self.training and update is not None and self._final_precision is not None and last:
             update(self._final_precision)
         return losses

@@ -155,9 +155,6 @@ def run_flags(flags, launch, *, world_size, coco_path, output_dir, checkpoint_di
             raise UserInputError("a config with total_batch_size needs [launch] max_batch_per_gpu and no batch_size")
         per_gpu, accum = split_batch(total, world_size, launch["max_batch_per_gpu"])
         flags["accum_iter"] = accum
-        if accum > 1 and flags.get("loss", "raw") != "raw":
-            print(f"Note: {per_gpu} images per GPU x {accum} accumulation steps; DAP's AP is computed over the "
-                  f"{per_gpu * world_size} images of each forward pass, not over the batch of {total}", file=sys.stderr)
     for key in ("finetune", "resume"):
         if flags.get(key):
             flags[key] = resolve_checkpoint(flags[key], checkpoint_dir)

@@ -47,69 +47,106 @@ def make_batch(seed=0):
     return [layer() for _ in range(2)], targets
 
 
-def losses_and_grads(criterion, layers, targets, images):
-    """Loss dict on the given images and the gradient of the weighted total w.r.t. the inputs."""
-    leaves = [(lg[images].clone().requires_grad_(), bx[images].clone().requires_grad_()) for lg, bx in layers]
-    outputs = {"pred_logits": leaves[-1][0], "pred_boxes": leaves[-1][1],
-               "aux_outputs": [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in leaves[:-1]]}
-    loss_dict = criterion(outputs, [targets[i] for i in images])
-    total = sum(loss_dict[k] * w for k, w in criterion.weight_dict.items() if k in loss_dict)
-    total.backward()
-    grads = [g for leaf in leaves for g in (leaf[0].grad, leaf[1].grad)]
-    return {k: v.detach() for k, v in loss_dict.items()}, grads
+def step_losses_and_grads(criterion, layers, targets, images, micro_batches=1):
+    """One optimisation step of the criterion on the given images, as the engine runs it: with
+    several micro-batches, a counting pass (micro_batch_records) and then each micro-batch with
+    its index, its weighted total divided by their number. Returns the loss dict averaged over
+    the micro-batches (what the engine logs) and the gradients w.r.t. the head outputs, per
+    layer and output, over the images in order."""
+    chunks = [images[len(images) * i // micro_batches:len(images) * (i + 1) // micro_batches]
+              for i in range(micro_batches)]
+    step_targets = [[targets[i] for i in chunk] for chunk in chunks]
+    leaves = [[(lg[chunk].clone().requires_grad_(), bx[chunk].clone().requires_grad_()) for lg, bx in layers]
+              for chunk in chunks]
+
+    def outputs(chunk_leaves):
+        return {"pred_logits": chunk_leaves[-1][0], "pred_boxes": chunk_leaves[-1][1],
+                "aux_outputs": [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in chunk_leaves[:-1]]}
+
+    if micro_batches > 1:
+        criterion.set_step_records([criterion.micro_batch_records(outputs(chunk_leaves), chunk_targets, step_targets)
+                                   for chunk_leaves, chunk_targets in zip(leaves, step_targets)])
+    logged = []
+    for i, (chunk_leaves, chunk_targets) in enumerate(zip(leaves, step_targets)):
+        accumulation = {"step_targets": step_targets, "micro_batch": i} if micro_batches > 1 else {}
+        loss_dict = criterion(outputs(chunk_leaves), chunk_targets, **accumulation)
+        total = sum(loss_dict[k] * w for k, w in criterion.weight_dict.items() if k in loss_dict)
+        (total / micro_batches).backward()
+        logged.append({k: v.detach() for k, v in loss_dict.items()})
+    averaged = {k: sum(d[k] for d in logged) / micro_batches for k in logged[0]}
+    grads = [torch.cat([chunk_leaves[layer][j].grad for chunk_leaves in leaves])
+             for layer in range(len(layers)) for j in range(2)]
+    return averaged, grads
 
 
-def _worker(rank, world_size, init_file, flags, result_queue):
+def _worker(rank, world_size, init_file, flags, micro_batches, result_queue):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     layers, targets = make_batch()
     per_rank = NUM_IMAGES // world_size
     images = list(range(rank * per_rank, (rank + 1) * per_rank))
-    loss_dict, grads = losses_and_grads(criterion_for(flags), layers, targets, images)
+    criterion = criterion_for(flags)
+    loss_dict, grads = step_losses_and_grads(criterion, layers, targets, images, micro_batches)
     # NumPy, not tensors: torch would share tensor memory through a socket that disappears
     # when this process exits.
-    result_queue.put((rank, {k: v.numpy() for k, v in loss_dict.items()}, [g.numpy() for g in grads]))
+    result_queue.put((rank, {k: v.numpy() for k, v in loss_dict.items()}, [g.numpy() for g in grads],
+                      criterion.matcher.state_dict().get("precision", torch.zeros(0)).numpy()))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def run_two_processes(flags):
+def run_two_processes(flags, micro_batches=1):
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=_worker, args=(r, 2, init_file, flags, queue)) for r in range(2)]
+        procs = [ctx.Process(target=_worker, args=(r, 2, init_file, flags, micro_batches, queue)) for r in range(2)]
         for p in procs:
             p.start()
         results = {}
         for _ in procs:
-            rank, losses, grads = queue.get(timeout=120)
-            results[rank] = ({k: torch.from_numpy(v) for k, v in losses.items()}, [torch.from_numpy(g) for g in grads])
+            rank, losses, grads, precision = queue.get(timeout=120)
+            results[rank] = ({k: torch.from_numpy(v) for k, v in losses.items()}, [torch.from_numpy(g) for g in grads],
+                             torch.from_numpy(precision))
         for p in procs:
             p.join(timeout=60)
             assert p.exitcode == 0
     return results
 
 
+@pytest.mark.parametrize("processes,micro_batches", [(2, 1), (1, 2), (2, 2)])
 @pytest.mark.parametrize("flags", [
     ["--loss", "dap", "--matcher", "dap"],
     ["--loss", "dap", "--dap_num_gt", "0", "--dap_bins", "8", "--dap_sigma", "0.1"],
     ["--loss", "raw+dap", "--matcher", "dap", "--dap_cost_mode", "momentum"],
 ])
-def test_two_processes_equal_one_process(flags):
+def test_processes_and_accumulation_equal_one_batch(flags, processes, micro_batches):
+    """8 images as 2 processes x 4, 1 process x 2 accumulated micro-batches of 4, or 2 x 2 x 2:
+    the same logged losses, gradients and momentum table as one batch of 8."""
     layers, targets = make_batch()
-    single_losses, single_grads = losses_and_grads(criterion_for(flags), layers, targets, list(range(NUM_IMAGES)))
-    results = run_two_processes(flags)
+    single = criterion_for(flags)
+    single_losses, single_grads = step_losses_and_grads(single, layers, targets, list(range(NUM_IMAGES)))
+    single_precision = single.matcher.state_dict().get("precision", torch.zeros(0))
+    if processes == 1:
+        criterion = criterion_for(flags)
+        losses, grads = step_losses_and_grads(criterion, layers, targets, list(range(NUM_IMAGES)), micro_batches)
+        results = {0: (losses, grads, criterion.matcher.state_dict().get("precision", torch.zeros(0)))}
+    else:
+        results = run_two_processes(flags, micro_batches)
 
     assert single_losses["loss_dap"] < 0
     for key, value in single_losses.items():
         # What the engine logs: the average of the per-process values.
-        averaged = (results[0][0][key] + results[1][0][key]) / 2
-        if key.startswith("cardinality_error"):
-            continue  # a per-image mean of each process: not a global-batch quantity
+        averaged = sum(results[r][0][key] for r in results) / processes
+        if key.startswith(("cardinality_error", "class_error")):
+            continue  # logged per micro-batch: not global-batch quantities
         assert torch.allclose(averaged, value.to(averaged.dtype), rtol=1e-5, atol=1e-7), key
-    # DDP averages gradients over the 2 processes; the result is the single-process gradient.
-    for rank in (0, 1):
-        images = slice(rank * NUM_IMAGES // 2, (rank + 1) * NUM_IMAGES // 2)
-        for single, local in zip(single_grads, results[rank][1]):
-            assert torch.allclose(local / 2, single[images], rtol=1e-4, atol=1e-8)
+    # DDP averages gradients over the processes; the result is the single-batch gradient.
+    for rank in results:
+        images = slice(rank * NUM_IMAGES // processes, (rank + 1) * NUM_IMAGES // processes)
+        for single_grad, local in zip(single_grads, results[rank][1]):
+            assert torch.allclose(local / processes, single_grad[images], rtol=1e-4, atol=1e-8)
+        # The momentum matcher moved once, with the precision of the whole batch.
+        assert torch.allclose(results[rank][2], single_precision, rtol=1e-5, atol=1e-7)
+    if "momentum" in flags:
+        assert not torch.equal(single_precision, criterion_for(flags).matcher.precision)

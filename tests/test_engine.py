@@ -1,12 +1,19 @@
 """engine.py: mixed precision (--amp) — the float32 copies the criterion sees, the GradScaler
-step against a plain step, overflow handling — and --amp end to end on the CPU (bfloat16)."""
+step against a plain step, overflow handling, --amp end to end on the CPU (bfloat16) — and the
+counting pass of accumulated DAP steps (same random draws as the gradient pass, buffers kept).
+That accumulation gives the gradients of one batch is tested in test_dap_distributed.py (the
+criterion) and test_main.py (end to end)."""
 import pytest
 import torch
 from torch import nn
 
 import util.misc as utils
+from datasets.synthetic import make_synthetic_coco
 from engine import MixedPrecision, _train_step
+from models.dap_criterion import DAPCriterionMixin
 from test_main import data_flags, run
+from test_rtdetr import TINY_RTDETR_FLAGS
+from util.checkpoint import load_checkpoint
 
 
 def test_disabled_mixed_precision_changes_nothing():
@@ -121,3 +128,55 @@ def test_amp_on_cuda_uses_float16_and_the_grad_scaler(synthetic_coco, tmp_path):
                                               "--output_dir", str(tmp_path)])
     assert len(stats["test_coco_eval_bbox"]) == 12
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["scaler"]["scale"] > 0
+
+
+# ----------------------------------------------------------------------------- counting pass
+
+def accumulated_flags(model, data):
+    """Two micro-batches of one image per step; DETR with its dropout, RT-DETR with its
+    denoising noise and multi-scale input size: random draws in every forward."""
+    path, num_classes = data
+    if model == "detr":
+        return data_flags(data) + ["--batch_size", "1", "--accum_iter", "2", "--epochs", "1"]
+    # input scale 0.2: several multi-scale sizes (96, 128, 160); at 0.1 they all round to 64
+    return TINY_RTDETR_FLAGS + ["--coco_path", path, "--batch_size", "1", "--accum_iter", "2", "--epochs", "1",
+                                "--input_scale", "0.2"]
+
+
+@pytest.mark.parametrize("model", ["detr", "rtdetr"])
+def test_counting_pass_draws_what_the_gradient_pass_draws(model, synthetic_coco, monkeypatch):
+    checked = []
+    original = DAPCriterionMixin.forward
+
+    def forward(self, outputs, targets, micro_batch=None, **kwargs):
+        losses = original(self, outputs, targets, micro_batch=micro_batch, **kwargs)
+        if micro_batch is not None:  # the counts of this pass against those of the counting pass
+            for now, counted in zip(self._layer_records, self._step_records[micro_batch], strict=True):
+                assert all(torch.equal(a, b) for a, b in zip(now.counts, counted.counts))
+            checked.append(micro_batch)
+        return losses
+
+    monkeypatch.setattr(DAPCriterionMixin, "forward", forward)
+    flags = accumulated_flags(model, synthetic_coco) + ["--loss", "raw+dap"]
+    run(flags)
+    assert checked[:4] == [0, 1, 0, 1]
+    # The check can fail: without restoring the random state the passes draw differently.
+    monkeypatch.setattr(utils, "set_rng_state", lambda state: None)
+    with pytest.raises(AssertionError):
+        run(flags)
+
+
+def test_counting_pass_leaves_batch_norm_statistics_alone(tmp_path):
+    # One optimisation step (2 images, 1 per micro-batch): RT-DETR's trained batch norms must
+    # hold the statistics of the step's two forward passes, as without DAP, not of four.
+    data = str(tmp_path / "data")
+    info = make_synthetic_coco(data, num_train=2, num_val=2, image_size=96, seed=2)
+    flags = accumulated_flags("rtdetr", (data, info["num_classes"]))
+    statistics = {}
+    for loss in ("raw", "raw+dap"):
+        run(flags + ["--loss", loss, "--output_dir", str(tmp_path / loss)])
+        state = load_checkpoint(str(tmp_path / loss / "checkpoint.pth"))["model"]
+        statistics[loss] = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
+    assert statistics["raw"] and statistics["raw"].keys() == statistics["raw+dap"].keys()
+    for key, value in statistics["raw"].items():
+        assert torch.allclose(statistics["raw+dap"][key], value, rtol=1e-5, atol=1e-7), key

@@ -181,9 +181,13 @@ def test_cli_error_exits_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-def test_two_gloo_processes_and_accumulation_match_one_batch(tmp_path):
+@pytest.mark.parametrize("loss_flags", [
+    [], ["--loss", "raw+dap", "--matcher", "dap", "--dap_cost_mode", "momentum", "--dap_num_gt", "0"]])
+def test_two_gloo_processes_and_accumulation_match_one_batch(tmp_path, loss_flags):
     """The same global batch of 4 images as 1 process x 4, torchrun with 2 CPU processes x 2, and
-    1 process x 2 images x 2 accumulation steps: the same logged losses and the same weights.
+    1 process x 2 images x 2 accumulation steps: the same logged losses and the same weights,
+    with the upstream losses and with DAP (whose precision is that of the global batch, and
+    whose momentum matcher moves once per step, however the batch is split).
 
     Four training images, so each epoch is one optimisation step holding all of them in every
     run; dropout and augmentation are off so all runs see identical inputs. The val set is
@@ -191,7 +195,7 @@ def test_two_gloo_processes_and_accumulation_match_one_batch(tmp_path):
     from datasets.synthetic import make_synthetic_coco
     info = make_synthetic_coco(str(tmp_path / "data"), num_train=4, num_val=4, image_size=96, seed=1)
     flags = data_flags((str(tmp_path / "data"), info["num_classes"])) + [
-        "--dropout", "0", "--no_train_augmentation", "--epochs", "2", "--total_batch_size", "4"]
+        "--dropout", "0", "--no_train_augmentation", "--epochs", "2", "--total_batch_size", "4", *loss_flags]
     runs = {name: str(tmp_path / name) for name in ("single", "double", "accumulated")}
     run(flags + ["--output_dir", runs["single"]])
     run(flags + ["--output_dir", runs["accumulated"], "--accum_iter", "2"])
@@ -204,7 +208,8 @@ def test_two_gloo_processes_and_accumulation_match_one_batch(tmp_path):
     assert "2 images per process x 2 processes x 1 accumulation steps = 4 per step" in proc.stdout
 
     reference = read_log(runs["single"])
-    weights = load_checkpoint(os.path.join(runs["single"], "checkpoint.pth"))["model"]
+    checkpoint = load_checkpoint(os.path.join(runs["single"], "checkpoint.pth"))
+    weights = checkpoint["model"]
     for name in ("double", "accumulated"):
         log = read_log(runs[name])
         assert len(log) == len(reference) == 2
@@ -213,14 +218,17 @@ def test_two_gloo_processes_and_accumulation_match_one_batch(tmp_path):
         # (Evaluation losses are averages over evaluation batches, which hold 2 images instead of
         # 4 in the accumulated run: only the distributed run must match them.)
         keys = ["train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_loss_ce_0"]
+        keys += ["train_loss_dap", "train_loss_dap_0", "train_dap_value"] if loss_flags else []
         keys += ["test_loss", "test_loss_ce", "test_loss_bbox"] if name == "double" else []
         for a, b in zip(reference, log):
             for key in keys:
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (name, key)
             assert b["test_coco_eval_bbox"] == pytest.approx(a["test_coco_eval_bbox"], abs=1e-3)
-        other = load_checkpoint(os.path.join(runs[name], "checkpoint.pth"))["model"]
+        other = load_checkpoint(os.path.join(runs[name], "checkpoint.pth"))
         for key, value in weights.items():
-            assert torch.allclose(other[key], value, rtol=1e-3, atol=1e-6), (name, key)
+            assert torch.allclose(other["model"][key], value, rtol=1e-3, atol=1e-6), (name, key)
+        for key, value in checkpoint["matcher"].items():  # the momentum table
+            assert torch.allclose(other["matcher"][key], value, rtol=1e-4, atol=1e-6), (name, key)
 
 
 def test_total_batch_size_must_divide(synthetic_coco, capsys):

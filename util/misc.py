@@ -267,6 +267,20 @@ def seed_everything(*keys):
     random.seed(seed)
 
 
+def get_rng_state():
+    """The state of every generator a forward pass may draw from (random, torch, CUDA)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return random.getstate(), torch.get_rng_state(), cuda
+
+
+def set_rng_state(state):
+    python, cpu, cuda = state
+    random.setstate(python)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def inverse_sigmoid(x, eps=1e-5):
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
