@@ -120,6 +120,9 @@ def run_two_processes(flags, micro_batches=1):
     ["--loss", "dap", "--matcher", "dap"],
     ["--loss", "dap", "--dap_num_gt", "0", "--dap_bins", "8", "--dap_sigma", "0.1"],
     ["--loss", "raw+dap", "--matcher", "dap", "--dap_cost_mode", "momentum"],
+    # sigmoid head: the logits' 7 columns are 7 classes; negatives are each image's top-k pairs
+    ["--model", "deformable_detr", "--hidden_dim", "32", "--num_classes", "7", "--loss", "raw+dap",
+     "--matcher", "dap", "--dap_cost_mode", "momentum", "--dap_neg_topk", "20"],
 ])
 def test_processes_and_accumulation_equal_one_batch(flags, processes, micro_batches):
     """8 images as 2 processes x 4, 1 process x 2 accumulated micro-batches of 4, or 2 x 2 x 2:
