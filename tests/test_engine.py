@@ -11,6 +11,8 @@ import util.misc as utils
 from datasets.synthetic import make_synthetic_coco
 from engine import MixedPrecision, _train_step
 from models.dap_criterion import DAPCriterionMixin
+from test_deformable_detr import TINY_FLAGS as TINY_DEFORMABLE_FLAGS
+from test_deformable_detr import VARIANTS as DEFORMABLE_VARIANTS
 from test_main import data_flags, run
 from test_rtdetr import TINY_RTDETR_FLAGS
 from util.checkpoint import load_checkpoint
@@ -133,17 +135,22 @@ def test_amp_on_cuda_uses_float16_and_the_grad_scaler(synthetic_coco, tmp_path):
 # ----------------------------------------------------------------------------- counting pass
 
 def accumulated_flags(model, data):
-    """Two micro-batches of one image per step; DETR with its dropout, RT-DETR with its
-    denoising noise and multi-scale input size: random draws in every forward."""
+    """Two micro-batches of one image per step; DETR and Deformable DETR (two-stage: DAP on the
+    encoder proposals too) with their dropout, RT-DETR with its denoising noise and multi-scale
+    input size: random draws in every forward."""
     path, num_classes = data
+    accumulation = ["--batch_size", "1", "--accum_iter", "2", "--epochs", "1"]
     if model == "detr":
-        return data_flags(data) + ["--batch_size", "1", "--accum_iter", "2", "--epochs", "1"]
+        return data_flags(data) + accumulation
+    if model == "deformable_detr":
+        return (TINY_DEFORMABLE_FLAGS + DEFORMABLE_VARIANTS["two_stage"] + accumulation
+                + ["--num_feature_levels", "2", "--coco_path", path, "--num_classes", str(num_classes)])
     # input scale 0.2: several multi-scale sizes (96, 128, 160); at 0.1 they all round to 64
     return TINY_RTDETR_FLAGS + ["--coco_path", path, "--batch_size", "1", "--accum_iter", "2", "--epochs", "1",
                                 "--input_scale", "0.2"]
 
 
-@pytest.mark.parametrize("model", ["detr", "rtdetr"])
+@pytest.mark.parametrize("model", ["detr", "deformable_detr", "rtdetr"])
 def test_counting_pass_draws_what_the_gradient_pass_draws(model, synthetic_coco, monkeypatch):
     checked = []
     original = DAPCriterionMixin.forward
