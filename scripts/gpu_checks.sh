@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one command for a GPU machine: build the CUDA op, compare it
 # with the PyTorch path (tests/test_ms_deform_attn.py), train with --amp on CUDA
-# (tests/test_engine.py), and time the op and the criterion. One log per step in $OUT (or
+# (tests/test_engine.py), and time the op, the criterion and accumulated DAP steps. One log per step in $OUT (or
 # outputs/gpu_checks); every step runs even if an earlier one failed; exit 1 if any failed.
 #   bash scripts/gpu_checks.sh
 # PYTHON picks the interpreter (default python3), TORCH_CUDA_ARCH_LIST the build (default 9.0,
@@ -36,4 +36,5 @@ step test_ms_deform_attn "$PYTHON" -m pytest -q -rs tests/test_ms_deform_attn.py
 step test_engine "$PYTHON" -m pytest -q -rs tests/test_engine.py
 step bench_ms_deform_attn "$PYTHON" benchmarks/ms_deform_attn.py
 step bench_criterion "$PYTHON" benchmarks/criterion.py --device cuda --models detr deformable_detr
+step bench_accumulation "$PYTHON" benchmarks/accumulation.py --device cuda
 exit $failed
