@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one command for a GPU machine: build the CUDA op, compare it
 # with the PyTorch path (tests/test_ms_deform_attn.py), train with --amp on CUDA
-# (tests/test_engine.py), and time the op, the criterion and accumulated DAP steps. One log per step in $OUT (or
-# outputs/gpu_checks); every step runs even if an earlier one failed; exit 1 if any failed.
+# (tests/test_engine.py), and time the op, the criterion and accumulated DAP steps. One log per
+# step in $OUT (or outputs/gpu_checks); every step runs even if an earlier one failed; exit 1 if
+# any failed.
 #   bash scripts/gpu_checks.sh
 # PYTHON picks the interpreter (default python3), TORCH_CUDA_ARCH_LIST the build (default 9.0,
 # Hopper). Wheels in .whl/ (e.g. pycocotools, which engine.py needs) are installed to /tmp/site
