@@ -287,7 +287,7 @@ class DAPCriterionMixin:
         self.dap_sigma = sigma
         self.dap_num_gt = num_gt if num_gt else None  # 0 means "count the ground truth"
         self.dap_neg_topk = neg_topk
-        self._step_records = None
+        self._step_records, self._others, self._layer_records = None, None, []
 
     @property
     def needs_counting_pass(self):
