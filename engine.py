@@ -8,6 +8,7 @@ import torch
 
 import util.misc as utils
 from datasets.coco_eval import CocoEvaluator
+from models.set_criterion import StepContext
 
 
 def weighted_loss(loss_dict, weight_dict):
@@ -78,7 +79,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
                     accum_iter=1, ema=None, iteration_log=None, amp=None):
     """One epoch; each optimisation step accumulates the gradients of accum_iter batches.
     The criterion normalises every micro-batch by the totals of the whole step, so the step's
-    gradient is that of one batch holding all its images (see SetCriterion.forward).
+    gradient is that of one batch holding all its images (see models/set_criterion.py).
 
     ema: a ModelEMA updated after every optimisation step. iteration_log: a path; one JSON
     line per optimisation step is appended to it (epoch, step, lr and the logged values,
@@ -93,7 +94,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     with open(iteration_log, "a") if iteration_log else contextlib.nullcontext() as log_file:
         steps = metric_logger.log_every(AccumulationSteps(data_loader, accum_iter), print_freq, header)
         for step_index, step in enumerate(steps):
-            step_values = _train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp)
+            step_values = train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp)
             if ema is not None:
                 ema.update(model)
             if log_file is not None:
@@ -110,40 +111,41 @@ def counting_pass(model, criterion, step, step_targets, device, amp):
     """First pass of an accumulated step with DAP-loss: every micro-batch forward without
     gradients, to give the criterion the soft counts of the whole step (DAP's precision is that
     of the step's batch, as without accumulation). Buffers (batch-norm statistics) are restored
-    afterwards; returns the RNG state before each micro-batch, so that the second pass draws
-    the same dropout, denoising noise and input scale, hence gives the same counts. Costs one
-    forward pass per micro-batch."""
+    afterwards. Returns (what criterion.count returned for each micro-batch, the RNG state
+    before each micro-batch), so that the second pass draws the same dropout, denoising noise
+    and input scale, hence gives the same counts. Costs one forward pass per micro-batch."""
     buffers = [(b, b.clone()) for b in model.buffers()]
-    rng_states, step_records = [], []
+    rng_states, counted = [], []
     with torch.no_grad():
-        for (samples, _), targets in zip(step, step_targets):
+        for i, ((samples, _), targets) in enumerate(zip(step, step_targets)):
             rng_states.append(utils.get_rng_state())
             with amp.autocast():
                 outputs = model(samples.to(device), targets)
-            step_records.append(criterion.micro_batch_records(amp.float32(outputs), targets, step_targets))
+            counted.append(criterion.count(amp.float32(outputs), targets, StepContext(step_targets, i)))
         for buffer, saved in buffers:
             buffer.copy_(saved)
-    criterion.set_step_records(step_records)
-    return rng_states
+    return counted, rng_states
 
 
-def _train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp):
-    """One optimisation step over its micro-batches; returns each micro-batch's logged values."""
+def train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp):
+    """One optimisation step over its micro-batches, the (samples, targets) pairs of `step`;
+    returns each micro-batch's logged values. The criterion is told the step (StepContext) and,
+    when it has DAP and the step several micro-batches, the counting pass."""
     step_targets = [[{k: v.to(device) for k, v in t.items()} for t in targets] for _, targets in step]
     optimizer.zero_grad()
-    counted = len(step) > 1 and getattr(criterion, "needs_counting_pass", False)
-    rng_states = counting_pass(model, criterion, step, step_targets, device, amp) if counted else None
+    counted, rng_states = None, None
+    if len(step) > 1 and criterion.needs_counting_pass:
+        counted, rng_states = counting_pass(model, criterion, step, step_targets, device, amp)
     step_values = []
     for i, ((samples, _), targets) in enumerate(zip(step, step_targets)):
         # Gradients are all-reduced once per step, on its last micro-batch.
         last = i == len(step) - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            if counted:
+            if rng_states is not None:
                 utils.set_rng_state(rng_states[i])
             with amp.autocast():
                 outputs = model(samples.to(device), targets)
-            loss_dict = criterion(amp.float32(outputs), targets, step_targets=step_targets,
-                                  **({"micro_batch": i} if counted else {}))
+            loss_dict = criterion(amp.float32(outputs), targets, StepContext(step_targets, i, counted))
             losses = weighted_loss(loss_dict, criterion.weight_dict)
             amp.scaler.scale(losses / len(step)).backward()
 

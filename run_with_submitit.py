@@ -151,7 +151,7 @@ def submit(args):
 
 
 def main(argv=None):
-    args = detr_main.parse_args(get_launcher_parser(), argv)
+    args = get_launcher_parser().parse_args(argv)
     try:
         job = submit(args)
     except UserInputError as e:

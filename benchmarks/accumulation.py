@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import main as detr_main  # noqa: E402
 import util.misc as utils  # noqa: E402
-from engine import MixedPrecision, _train_step  # noqa: E402
+from engine import MixedPrecision, train_step  # noqa: E402
 from models import build_model  # noqa: E402
 
 # name: (loss flags, images per micro-batch, micro-batches per step)
@@ -34,7 +34,7 @@ SETTINGS = {
 
 def build(flags, opts):
     parser = argparse.ArgumentParser(parents=[detr_main.get_args_parser()])
-    args = detr_main.parse_args(parser, ["--device", opts.device, "--no_pretrained_backbone",
+    args = parser.parse_args(["--device", opts.device, "--no_pretrained_backbone",
                                          "--backbone", opts.backbone, *flags])
     model, criterion, _ = build_model(args)
     model.to(opts.device).train()
@@ -52,7 +52,8 @@ def make_step(images_per_batch, micro_batches, opts, seed=0):
         targets = []
         for _ in range(images_per_batch):
             n = int(torch.randint(1, 8, (1,), generator=g))
-            boxes = torch.cat([torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.3 + 0.05], -1)
+            centres, sizes = torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.3 + 0.05
+            boxes = torch.cat([centres, sizes], -1)
             targets.append({"labels": torch.randint(1, 91, (n,), generator=g), "boxes": boxes})
         step.append((utils.nested_tensor_from_tensor_list(list(images)), targets))
     return step
@@ -60,7 +61,7 @@ def make_step(images_per_batch, micro_batches, opts, seed=0):
 
 def step_time(model, criterion, optimizer, step, opts):
     start = time.perf_counter()
-    _train_step(model, criterion, step, optimizer, opts.device, 0.1, utils.MetricLogger(),
+    train_step(model, criterion, step, optimizer, opts.device, 0.1, utils.MetricLogger(),
                 MixedPrecision(opts.device, enabled=False))
     if opts.device == "cuda":
         torch.cuda.synchronize()

@@ -35,7 +35,7 @@ SETTINGS = {
 
 def build_criterion(model, flags, device):
     parser = argparse.ArgumentParser(parents=[detr_main.get_args_parser()])
-    args = detr_main.parse_args(parser, [
+    args = parser.parse_args([
         "--model", model, "--device", device, "--no_pretrained_backbone", "--backbone", "resnet50",
         "--enc_layers", "1", "--dec_layers", str(SCALES[model]["layers"]), *flags])
     return build_model(args)[1]
@@ -96,7 +96,7 @@ def main():
         s = SCALES[model]
         print(f"\n{model}: {s['images']} images x {s['queries']} queries x {s['num_classes']} classes, "
               f"{s['boxes']} boxes per image, {s['layers']} decoder layers")
-        print(f"| setting | ms / iteration | ratio to raw | peak memory (MiB) |\n| --- | --- | --- | --- |")
+        print("| setting | ms / iteration | ratio to raw | peak memory (MiB) |\n| --- | --- | --- | --- |")
         criteria = {name: build_criterion(model, flags, opts.device) for name, flags in SETTINGS.items()}
         inputs = make_inputs(model, opts.device)
         times = {name: [] for name in SETTINGS}

@@ -14,15 +14,18 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.ops.functions import MSDeformAttnFunction, ms_deform_attn_core_pytorch  # noqa: E402
-from models.ops.functions import ms_deform_attn_func  # noqa: E402
+from models.ops.functions import (  # noqa: E402
+    MSDeformAttnFunction,
+    ms_deform_attn_core_pytorch,
+    ms_deform_attn_func,  # noqa: E402
+)
 
 
 def spatial_shapes(height, width, strides):
     return torch.tensor([[math.ceil(height / s), math.ceil(width / s)] for s in strides])
 
 
-def make_inputs(shapes, batch, queries, heads=8, channels=32, points=4, device='cpu'):
+def make_inputs(shapes, batch, queries, heads=8, channels=32, points=4, device="cpu"):
     levels = len(shapes)
     sizes = shapes[:, 0] * shapes[:, 1]
     start = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
@@ -39,40 +42,41 @@ def time_fwd_bwd(op, value, loc, attn, iters, device):
     def step():
         op(*inputs).sum().backward()
     step()
-    if device == 'cuda':
+    if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):
         step()
-    if device == 'cuda':
+    if device == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / iters
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
     torch.manual_seed(0)
 
     if torch.cuda.is_available():
-        device, shapes, batch = 'cuda', spatial_shapes(800, 1333, (8, 16, 32, 64)), 2
+        device, shapes, batch = "cuda", spatial_shapes(800, 1333, (8, 16, 32, 64)), 2
     else:
-        device, shapes, batch = 'cpu', spatial_shapes(128, 128, (8, 16, 32, 64)), 2
+        device, shapes, batch = "cpu", spatial_shapes(128, 128, (8, 16, 32, 64)), 2
         print("no GPU: timing only the PyTorch path, at a small scale (a 128x128 image)")
-    use_cuda_op = device == 'cuda' and ms_deform_attn_func._C is not None
-    if device == 'cuda' and not use_cuda_op:
+    use_cuda_op = device == "cuda" and ms_deform_attn_func._C is not None
+    if device == "cuda" and not use_cuda_op:
         print("the CUDA op is not built (see models/ops/README.md): timing only the PyTorch path")
     S = int((shapes[:, 0] * shapes[:, 1]).sum())
     print(f"device {device}, levels {shapes.tolist()}, S = {S}, batch {batch}, 8 heads x 32 channels, 4 points")
 
-    for name, queries in (('decoder', 300), ('encoder', S)):
+    for name, queries in (("decoder", 300), ("encoder", S)):
         value, shapes_d, start, loc, attn = make_inputs(shapes, batch, queries, device=device)
-        t_torch = time_fwd_bwd(lambda v, l, a: ms_deform_attn_core_pytorch(v, shapes_d, l, a),
+        t_torch = time_fwd_bwd(lambda v, loc_, a, shapes_d=shapes_d: ms_deform_attn_core_pytorch(v, shapes_d, loc_, a),
                                value, loc, attn, args.iters, device)
         line = f"{name} ({queries} queries): PyTorch {t_torch * 1e3:.2f} ms"
         if use_cuda_op:
-            t_cuda = time_fwd_bwd(lambda v, l, a: MSDeformAttnFunction.apply(v, shapes_d, start, l, a, 64),
+            t_cuda = time_fwd_bwd(lambda v, loc_, a, shapes_d=shapes_d, start=start:
+                                  MSDeformAttnFunction.apply(v, shapes_d, start, loc_, a, 64),
                                   value, loc, attn, args.iters, device)
             with torch.no_grad():
                 diff = (MSDeformAttnFunction.apply(value, shapes_d, start, loc, attn, 64)
@@ -81,5 +85,5 @@ def main():
         print(line, flush=True)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

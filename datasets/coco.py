@@ -5,7 +5,9 @@ Labels are the raw category ids (COCO's run 1..90 with holes), so the model need
 num_classes = max category id + 1.
 """
 import contextlib
+import functools
 import io
+import json
 from pathlib import Path
 
 import torch
@@ -117,7 +119,42 @@ def make_coco_transforms(image_set, input_scale=1.0):
     raise UserInputError(f"unknown image set {image_set!r}; expected 'train' or 'val'")
 
 
-def build(image_set, args):
+@functools.lru_cache(maxsize=8)
+def _read_category_ids(ann_file):
+    try:
+        with open(ann_file) as f:
+            categories = json.load(f)["categories"]
+        return tuple(sorted({int(c["id"]) for c in categories}))
+    except FileNotFoundError:
+        raise UserInputError(f"annotation file {ann_file} does not exist; --coco_path must hold "
+                             "annotations/instances_val2017.json") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserInputError(f"annotation file {ann_file} has no valid 'categories' list "
+                             f"({type(e).__name__}: {e})") from None
+
+
+def category_ids(args):
+    """The dataset's category ids, sorted (RT-DETR's label i is category_ids[i]); None without
+    --coco_path. Read from the validation annotation file (train and val share their categories)."""
+    if args.coco_path is None:
+        return None
+    return _read_category_ids(str(Path(args.coco_path) / "annotations" / "instances_val2017.json"))
+
+
+
+def make_transforms(pipeline, image_set, args):
+    """The transforms of a detector family's data pipeline ('detr' or 'rtdetr', its
+    DetectorFamily.data_pipeline); --no_train_augmentation trains on the deterministic val ones."""
+    if not args.train_augmentation:
+        image_set = "val"
+    if pipeline == "detr":
+        return make_coco_transforms(image_set, args.input_scale)
+    if pipeline == "rtdetr":
+        return make_rtdetr_transforms(image_set, args.input_scale, category_ids(args))
+    raise ValueError(f"unknown data pipeline {pipeline!r}; expected 'detr' or 'rtdetr'")
+
+
+def build(image_set, args, pipeline):
     if args.coco_path is None:
         raise UserInputError(f"--coco_path is not set; point it at a folder holding {LAYOUT}")
     root = Path(args.coco_path)
@@ -131,10 +168,4 @@ def build(image_set, args):
     if not ann_file.is_file():
         raise UserInputError(f"annotation file {ann_file} does not exist; --coco_path must hold "
                              f"{LAYOUT}")
-    # --no_train_augmentation trains on the deterministic val pipeline.
-    pipeline = image_set if getattr(args, "train_augmentation", True) else "val"
-    if getattr(args, "model", "detr") == "rtdetr":
-        transforms = make_rtdetr_transforms(pipeline, args)
-    else:
-        transforms = make_coco_transforms(pipeline, args.input_scale)
-    return CocoDetection(img_folder, ann_file, transforms=transforms)
+    return CocoDetection(img_folder, ann_file, transforms=make_transforms(pipeline, image_set, args))

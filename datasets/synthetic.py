@@ -176,11 +176,11 @@ def render_image(rng, image_size, categories, max_objects, size_weights=SIZE_RAN
             y = int(rng.integers(0, image_size - h + 1))
             covered = owner[y:y + h, x:x + w][mask]
             lost = np.bincount(covered[covered >= 0], minlength=len(objects))
-            if all(v - l >= MIN_VISIBLE * n for v, l, n in zip(visible_counts, lost, pixel_counts)):
+            if all(v - gone >= MIN_VISIBLE * n for v, gone, n in zip(visible_counts, lost, pixel_counts)):
                 break
         else:
             continue
-        visible_counts = [int(v - l) for v, l in zip(visible_counts, lost)]
+        visible_counts = [int(v - gone) for v, gone in zip(visible_counts, lost)]
         owner[y:y + h, x:x + w][mask] = len(objects)
         image[y:y + h, x:x + w][mask] = _object_colour(rng, background)
         pixel_counts.append(int(mask.sum()))

@@ -1,31 +1,18 @@
-"""Model factory: picks the detector family from --model."""
+"""The detector families. Each family module owns its recipe, a DetectorFamily named FAMILY
+(models/family.py); this registry lists them. A new family is a module and a line here."""
 from util.errors import UserInputError
 
-from .deformable_detr import build as build_deformable_detr
-from .detr import build as build_detr
-from .rtdetr import build as build_rtdetr
+from .deformable_detr import FAMILY as DEFORMABLE_DETR
+from .detr import FAMILY as DETR
+from .rtdetr import FAMILY as RTDETR
 
-# Flags whose upstream default depends on the detector (main.py's defaults are DETR's).
-MODEL_DEFAULTS = {
-    'detr': {},
-    'deformable_detr': dict(lr=2e-4, lr_backbone=2e-5, epochs=50, lr_drop=40, dim_feedforward=1024,
-                            num_queries=300, set_cost_class=2, cls_loss_coef=2, checkpoint_period=5),
-    # RT-DETR R50 (rtdetr_r50vd_6x_coco): 72 epochs, batch 4 per GPU (x4), AdamW, MultiStepLR at
-    # epoch 1000 (never), every epoch's checkpoint kept, EMA; the post-processor keeps 300 pairs,
-    # hence 300 DAP negatives per image.
-    'rtdetr': dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, epochs=72, lr_drop=1000, clip_max_norm=0.1,
-                   batch_size=4, backbone='presnet50vd', enc_layers=1, dec_layers=6, hidden_dim=256,
-                   dim_feedforward=1024, dropout=0.0, nheads=8, num_queries=300, dec_n_points=4,
-                   set_cost_class=2, set_cost_bbox=5, set_cost_giou=2, cls_loss_coef=1, bbox_loss_coef=5,
-                   giou_loss_coef=2, lr_backbone_names=['backbone'], checkpoint_period=1, ema=True,
-                   dap_neg_topk=300),
-}
+FAMILIES = {family.name: family for family in (DETR, DEFORMABLE_DETR, RTDETR)}
+DEFAULT_FAMILY = DETR.name  # the parser's own defaults are DETR's
 
 
-def build_model(args):
-    """Returns (model, criterion, postprocessors) for args.model (default 'detr')."""
-    model = getattr(args, 'model', 'detr')
-    builders = {'detr': build_detr, 'deformable_detr': build_deformable_detr, 'rtdetr': build_rtdetr}
-    if model not in builders:
-        raise UserInputError(f"unknown --model {model!r}; use one of {', '.join(builders)}")
-    return builders[model](args)
+def build_model(args, category_ids=None):
+    """(model, criterion, postprocessors) of the family args.model. category_ids: the dataset's
+    sorted category ids (datasets.category_ids); None: no dataset, the family's defaults (COCO)."""
+    if args.model not in FAMILIES:
+        raise UserInputError(f"unknown --model {args.model!r}; use one of {', '.join(FAMILIES)}")
+    return FAMILIES[args.model].build(args, category_ids)

@@ -1,5 +1,6 @@
 """ResNet backbone with frozen batch norm, and the Joiner that adds positional encodings."""
 from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -10,7 +11,7 @@ from util.misc import NestedTensor, is_main_process
 
 from .position_encoding import build_position_encoding
 
-RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -31,7 +32,7 @@ class FrozenBatchNorm2d(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
         # torchvision's ImageNet weights come from a real BatchNorm2d and carry this counter.
-        state_dict.pop(prefix + 'num_batches_tracked', None)
+        state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
@@ -76,7 +77,7 @@ class BackboneBase(nn.Module):
         super().__init__()
         for name, parameter in backbone.named_parameters():
             # The stem and layer1 stay frozen even when the backbone is trained, as upstream.
-            if not train_backbone or not name.startswith(('layer2', 'layer3', 'layer4')):
+            if not train_backbone or not name.startswith(("layer2", "layer3", "layer4")):
                 parameter.requires_grad_(False)
         self.body = LayerGetter(backbone, return_layers)
         self.strides = strides
@@ -99,29 +100,29 @@ class Backbone(BackboneBase):
     """
 
     def __init__(self, name, train_backbone, dilation=False, pretrained=False, return_interm_layers=False,
-                 norm='frozen'):
+                 norm="frozen"):
         if name not in RESNETS:
             raise UserInputError(f"unknown --backbone {name!r}; use one of {', '.join(RESNETS)}")
-        if dilation and name in ('resnet18', 'resnet34'):
+        if dilation and name in ("resnet18", "resnet34"):
             raise UserInputError(f"--dilation needs a bottleneck ResNet (resnet50/101), not {name}")
         # Only the main process downloads; the other ranks get rank 0's weights when DDP wraps the model.
         weights = None
         if pretrained and is_main_process():
-            weights = torchvision.models.get_model_weights(name)['IMAGENET1K_V1']
+            weights = torchvision.models.get_model_weights(name)["IMAGENET1K_V1"]
         try:
             backbone = getattr(torchvision.models, name)(
                 weights=weights, replace_stride_with_dilation=[False, False, dilation],
-                norm_layer=FrozenBatchNorm2d if norm == 'frozen' else nn.BatchNorm2d)
+                norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d)
         except OSError as e:  # URLError, timeouts, an unwritable cache folder
             raise UserInputError(
                 f"could not download the ImageNet weights of {name} from {weights.url} ({e}); "
                 "pass --no_pretrained_backbone or pre-seed $TORCH_HOME/hub/checkpoints with that file") from e
         # Output channels of layer2/3/4: basic blocks (resnet18/34) or bottlenecks (x4).
-        channels = [128, 256, 512] if name in ('resnet18', 'resnet34') else [512, 1024, 2048]
+        channels = [128, 256, 512] if name in ("resnet18", "resnet34") else [512, 1024, 2048]
         strides = [8, 16, 32]
         if dilation:
             strides[-1] //= 2
-        layers = ['layer2', 'layer3', 'layer4'] if return_interm_layers else ['layer4']
+        layers = ["layer2", "layer3", "layer4"] if return_interm_layers else ["layer4"]
         keep = slice(-len(layers), None)
         super().__init__(backbone, train_backbone, {layer: str(i) for i, layer in enumerate(layers)},
                          strides[keep], channels[keep])

@@ -1,37 +1,15 @@
 """
-AP matching cost (section 3.3, Eq. 11): a prediction is cheap to match to a ground truth when
-it would contribute much to the DAP of Eq. 10.
+The AP-cost matcher (section 3.3, Eq. 11; docs/DAP.md): a prediction is cheap to match to a
+ground truth when it would contribute much to the DAP of Eq. 10. The cost itself is
+models.dap_functional.ap_matching_cost; this module holds the precision table and the assignment.
 """
 import torch
 from torch import nn
 
 from util.box_ops import box_cxcywh_to_xyxy, box_iou
 
-from .dap_criterion import (COCO_IOU_THRESHOLDS, bin_mass, class_probabilities, localisation_function,
-                            score_thresholds)
+from .dap_functional import ap_matching_cost, class_probabilities, constant_precision
 from .matcher import assign_each
-
-
-def constant_precision(num_bins, dtype=torch.float32, device=None):
-    """The paper's constant precision table: P_k^i = 1 / N for the ten IoU thresholds, [10, N]."""
-    return torch.full((len(COCO_IOU_THRESHOLDS), num_bins), 1.0 / num_bins, dtype=dtype, device=device)
-
-
-def ap_matching_cost(scores, ious, precision, *, sigma, iou_thresholds=COCO_IOU_THRESHOLDS):
-    """cost(q, g) = -sum_i L̂_i(u) F_i(s) (Eq. 11) for every prediction / ground-truth pair.
-
-    scores: [Q, T] score of prediction q for the class of ground truth g.
-    ious: [Q, T] box IoU of prediction q with ground truth g.
-    precision: [K, N] table P_k^i inside L̂ (N = number of score bins).
-    Returns the cost matrix [Q, T].
-
-    With constant_precision, L̂_i is the same function for every bin i and the bin masses of a
-    score sum to 1, so the cost reduces to -L̂(u): an IoU-only cost that ignores the scores.
-    This is the paper's constant mode.
-    """
-    thresholds = score_thresholds(precision.shape[1], scores.dtype, scores.device)
-    masses = bin_mass(scores, thresholds, sigma)  # [Q, T, N]
-    return -(masses * localisation_function(ious, precision, iou_thresholds)).sum(-1)
 
 
 class DAPMatcher(nn.Module):
@@ -71,8 +49,3 @@ class DAPMatcher(nn.Module):
             scores = image_probs[:, target["labels"]]  # [Q, T]: score for each ground truth's class
             costs.append(ap_matching_cost(scores, ious, self.precision, sigma=self.sigma))
         return assign_each(costs)
-
-
-def build_dap_matcher(args, activation):
-    return DAPMatcher(activation=activation, num_bins=args.dap_bins, sigma=args.dap_sigma,
-                      mode=args.dap_cost_mode, momentum=args.dap_momentum)

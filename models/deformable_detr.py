@@ -1,7 +1,7 @@
-"""Deformable DETR: the detector, its focal-loss set criterion and its top-k post-processor.
+"""Deformable DETR: the detector, its focal-loss set criterion, its flags and its recipe (FAMILY).
 
-Class scores are per-class sigmoids (no "no object" logit); everything the detectors share
-(backbone, box losses, matching, DAP plumbing) comes from models.detr.
+Class scores are per-class sigmoids (no "no object" logit); what the families share (backbone,
+box losses, matching, DAP, top-k post-processing) comes from the shared modules.
 """
 import math
 
@@ -13,16 +13,17 @@ from util.errors import UserInputError
 from util.misc import NestedTensor, accuracy, inverse_sigmoid, nested_tensor_from_tensor_list
 
 from .backbone import build_backbone
-from .dap_criterion import DAPCriterionMixin
 from .deformable_transformer import build_deformable_transformer
-from .detr import MLP, BaseSetCriterion, absolute_xyxy, build_criterion, default_num_classes
-from .transformer import _get_clones
+from .family import DetectorFamily, num_classes_for, param_groups_by_name
+from .layers import MLP, get_clones
+from .postprocess import TopKPostProcess
+from .set_criterion import BaseSetCriterion, Layer, build_criterion, loss_choice, sigmoid_focal_loss, with_aux_weights
 
 
 class DeformableDETR(nn.Module):
     """Backbone + multi-scale deformable transformer + class and box heads per decoder layer."""
     # What --finetune_drop_class_head re-initialises: two-stage registers the heads twice.
-    class_head_prefixes = ('class_embed.', 'transformer.decoder.class_embed.')
+    class_head_prefixes = ("class_embed.", "transformer.decoder.class_embed.")
 
     def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
                  aux_loss=True, with_box_refine=False, two_stage=False):
@@ -71,8 +72,8 @@ class DeformableDETR(nn.Module):
         # bbox_embed.N for every N, as the released checkpoints do.
         num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
         if with_box_refine:
-            self.class_embed = _get_clones(self.class_embed, num_pred)
-            self.bbox_embed = _get_clones(self.bbox_embed, num_pred)
+            self.class_embed = get_clones(self.class_embed, num_pred)
+            self.bbox_embed = get_clones(self.bbox_embed, num_pred)
             # Only the first layer predicts w/h from 2-d reference points; later layers refine boxes.
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
             self.transformer.decoder.bbox_embed = self.bbox_embed
@@ -127,26 +128,13 @@ class DeformableDETR(nn.Module):
             outputs_classes.append(self.class_embed[lvl](hs[lvl]))
             outputs_coords.append(coord.sigmoid())
 
-        out = {'pred_logits': outputs_classes[-1], 'pred_boxes': outputs_coords[-1]}
+        out = {"pred_logits": outputs_classes[-1], "pred_boxes": outputs_coords[-1]}
         if self.aux_loss:
-            out['aux_outputs'] = [{'pred_logits': a, 'pred_boxes': b}
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
                                   for a, b in zip(outputs_classes[:-1], outputs_coords[:-1])]
         if self.two_stage:
-            out['enc_outputs'] = {'pred_logits': enc_class, 'pred_boxes': enc_coord_unact.sigmoid()}
+            out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
         return out
-
-
-def sigmoid_focal_loss(inputs, targets, num_boxes, alpha=0.25, gamma=2.0):
-    """Focal loss (RetinaNet) of per-class sigmoid logits against 0/1 targets, both [B,Q,C]:
-    BCE * (1 - p_t)^gamma, weighted alpha for positives and 1 - alpha for negatives (alpha < 0:
-    unweighted). Returned as upstream reduces it: mean over queries, sum, / num_boxes."""
-    prob = inputs.sigmoid()
-    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce_loss * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(1).sum() / num_boxes
 
 
 class SetCriterion(BaseSetCriterion):
@@ -156,65 +144,33 @@ class SetCriterion(BaseSetCriterion):
     against class-agnostic targets: every ground truth is class 0, "an object".
     """
 
-    def __init__(self, num_classes, matcher, weight_dict, losses, focal_alpha=0.25):
-        super().__init__(num_classes, matcher, weight_dict, losses)
+    def __init__(self, num_classes, matcher, weight_dict, losses, focal_alpha=0.25, dap=None):
+        super().__init__(num_classes, matcher, weight_dict, losses, dap)
         self.focal_alpha = focal_alpha
 
-    def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
+    def loss_labels(self, outputs, targets, indices, totals, log=True):
         """Focal loss over every (query, class); a matched query's target is its ground
         truth's class, every other target is 0. Normalised by num_boxes."""
-        src_logits = outputs['pred_logits']
+        src_logits = outputs["pred_logits"]
         idx = self._get_src_permutation_idx(indices)
-        target_classes_o = torch.cat([t['labels'][j] for t, (_, j) in zip(targets, indices)])
+        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
         target_onehot = torch.zeros_like(src_logits)
         target_onehot[idx + (target_classes_o,)] = 1
         # mean over queries times their number: upstream's reduction, kept for identical numerics.
-        loss_ce = sigmoid_focal_loss(src_logits, target_onehot, num_boxes, alpha=self.focal_alpha, gamma=2)
-        losses = {'loss_ce': loss_ce * src_logits.shape[1]}
+        loss_ce = sigmoid_focal_loss(src_logits, target_onehot, totals["num_boxes"], alpha=self.focal_alpha, gamma=2)
+        losses = {"loss_ce": loss_ce * src_logits.shape[1]}
         if log:
-            losses['class_error'] = 100 - accuracy(src_logits[idx], target_classes_o)[0]
+            losses["class_error"] = 100 - accuracy(src_logits[idx], target_classes_o)[0]
         return losses
 
-    def _layer_outputs(self, outputs, targets):
-        yield from super()._layer_outputs(outputs, targets)
-        if 'enc_outputs' in outputs:
-            binary_targets = [{**t, 'labels': torch.zeros_like(t['labels'])} for t in targets]
-            yield '_enc', outputs['enc_outputs'], binary_targets
+    def layers(self, outputs, targets):
+        yield from super().layers(outputs, targets)
+        if "enc_outputs" in outputs:
+            binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            yield Layer("_enc", outputs["enc_outputs"], binary_targets, self.losses)
 
 
-class DAPSetCriterion(DAPCriterionMixin, SetCriterion):
-    """The focal SetCriterion with the 'dap' loss available (--loss dap or raw+dap)."""
-
-
-class PostProcess(nn.Module):
-    """Turns the model output into COCO-style detections: the num_select best (query, class)
-    pairs of each image by sigmoid score, in absolute pixels."""
-
-    def __init__(self, num_select=100):
-        super().__init__()
-        self.num_select = num_select
-
-    @torch.no_grad()
-    def forward(self, outputs, target_sizes):
-        """target_sizes: [B,2] (height, width) of each original image.
-
-        Returns a list of B dicts: 'scores' [K], 'labels' [K] (class ids), 'boxes' [K,4]
-        (absolute xyxy), best first, K = min(num_select, Q * num_classes). A query can appear
-        once per class.
-        """
-        out_logits = outputs['pred_logits']
-        boxes = absolute_xyxy(outputs['pred_boxes'], target_sizes)
-        num_classes = out_logits.shape[2]
-        prob = out_logits.sigmoid().flatten(1)
-        scores, index = prob.topk(min(self.num_select, prob.shape[1]), dim=1)
-        labels = index % num_classes
-        boxes = torch.gather(boxes, 1, (index // num_classes).unsqueeze(-1).repeat(1, 1, 4))
-        return [{'scores': s, 'labels': c, 'boxes': b} for s, c, b in zip(scores, labels, boxes)]
-
-
-def build(args):
-    if getattr(args, 'masks', False):
-        raise UserInputError("--masks (segmentation) is not supported by dap-detr; drop the flag")
+def build(args, category_ids):
     if args.pre_norm:
         raise UserInputError("--pre_norm is a DETR option; Deformable DETR's transformer is post-norm only")
     if args.two_stage and not args.with_box_refine:
@@ -222,7 +178,7 @@ def build(args):
         raise UserInputError("--two_stage needs --with_box_refine (as upstream's two-stage configuration)")
     if args.num_feature_levels < 1:
         raise UserInputError(f"--num_feature_levels must be at least 1, not {args.num_feature_levels}")
-    num_classes = default_num_classes(args)
+    num_classes = num_classes_for(args, category_ids)
 
     # Multi-scale models read layer2-4; the sine positions use the pixel centres (offset -0.5).
     backbone = build_backbone(args, return_interm_layers=args.num_feature_levels > 1, sine_offset=-0.5)
@@ -231,9 +187,39 @@ def build(args):
                            num_feature_levels=args.num_feature_levels, aux_loss=args.aux_loss,
                            with_box_refine=args.with_box_refine, two_stage=args.two_stage)
 
+    with_raw, with_dap = loss_choice(args)
+    weights = {**({"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+                  if with_raw else {}),
+               **({"loss_dap": args.dap_loss_coef} if with_dap else {})}
+    suffixes = [f"_{i}" for i in range(args.dec_layers - 1 if args.aux_loss else 0)]
     criterion = build_criterion(
-        args, SetCriterion, DAPSetCriterion, num_classes=num_classes, activation='sigmoid',
-        raw_weights={'loss_ce': args.cls_loss_coef, 'loss_bbox': args.bbox_loss_coef, 'loss_giou': args.giou_loss_coef},
-        num_aux_layers=args.dec_layers - 1 if args.aux_loss else 0,
-        extra_suffixes=('_enc',) if args.two_stage else (), focal_alpha=args.focal_alpha)
-    return model, criterion, {'bbox': PostProcess()}
+        args, SetCriterion, activation="sigmoid", num_classes=num_classes, focal_alpha=args.focal_alpha,
+        weight_dict=with_aux_weights(weights, suffixes + (["_enc"] if args.two_stage else [])),
+        losses=(["labels", "boxes"] if with_raw else []) + (["dap"] if with_dap else []) + ["cardinality"])
+    return model, criterion, {"bbox": TopKPostProcess(num_select=100)}
+
+
+def param_groups(model, args):
+    """Upstream's three groups: the rest at --lr, the backbone (--lr_backbone_names) at
+    --lr_backbone, the sampling offsets and reference points (--lr_linear_proj_names) at
+    --lr times --lr_linear_proj_mult."""
+    return param_groups_by_name(model, args, [(args.lr_linear_proj_names, args.lr * args.lr_linear_proj_mult)])
+
+
+def add_args(parser):
+    group = parser.add_argument_group("Deformable DETR")
+    group.add_argument("--num_feature_levels", default=4, type=int, help="feature levels")
+    group.add_argument("--enc_n_points", default=4, type=int, help="sampling points per encoder head")
+    group.add_argument("--with_box_refine", action="store_true", help="iterative box refinement")
+    group.add_argument("--two_stage", action="store_true", help="two-stage proposals (needs --with_box_refine)")
+    group.add_argument("--focal_alpha", default=0.25, type=float, help="focal loss alpha")
+    group.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str,
+                       nargs="+", help="parameters at --lr times --lr_linear_proj_mult")
+    group.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
+
+
+FAMILY = DetectorFamily(
+    name="deformable_detr", build=build, param_groups=param_groups, add_args=add_args,
+    # Upstream's recipe: 50 epochs, lr drop at 40, 300 queries, focal class cost and weight 2.
+    defaults=dict(lr=2e-4, lr_backbone=2e-5, lr_backbone_names=["backbone.0"], epochs=50, lr_drop=40,
+                  dim_feedforward=1024, num_queries=300, set_cost_class=2, cls_loss_coef=2, checkpoint_period=5))

@@ -9,8 +9,8 @@ from torch import nn
 
 from util.misc import inverse_sigmoid
 
+from .layers import activation_fn, get_clones, with_pos_embed
 from .ops.modules import MSDeformAttn
-from .transformer import _get_activation_fn, _get_clones, _with_pos_embed
 
 
 class DeformableTransformer(nn.Module):
@@ -77,7 +77,7 @@ class DeformableTransformer(nn.Module):
             valid_w = (~mask[:, 0, :]).sum(1)
             grid_y, grid_x = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=memory.device),
                                             torch.arange(w, dtype=torch.float32, device=memory.device),
-                                            indexing='ij')
+                                            indexing="ij")
             grid = torch.stack([grid_x, grid_y], -1)  # [h, w, 2] as (x, y)
             scale = torch.stack([valid_w, valid_h], -1).view(batch, 1, 1, 2)
             grid = (grid[None] + 0.5) / scale
@@ -88,7 +88,7 @@ class DeformableTransformer(nn.Module):
         valid = ((output_proposals > 0.01) & (output_proposals < 0.99)).all(-1, keepdim=True)
         output_proposals = torch.log(output_proposals / (1 - output_proposals))
         invalid = memory_padding_mask.unsqueeze(-1) | ~valid
-        output_proposals = output_proposals.masked_fill(invalid, float('inf'))
+        output_proposals = output_proposals.masked_fill(invalid, float("inf"))
         output_memory = memory.masked_fill(invalid, 0.)
         return self.enc_output_norm(self.enc_output(output_memory)), output_proposals
 
@@ -160,14 +160,14 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = _get_activation_fn(activation)
+        self.activation = activation_fn(activation)
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
-        src2 = self.self_attn(_with_pos_embed(src, pos), reference_points, src, spatial_shapes, level_start_index,
+        src2 = self.self_attn(with_pos_embed(src, pos), reference_points, src, spatial_shapes, level_start_index,
                               padding_mask)
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout2(self.activation(self.linear1(src))))
@@ -178,7 +178,7 @@ class DeformableTransformerEncoder(nn.Module):
 
     def __init__(self, encoder_layer, num_layers):
         super().__init__()
-        self.layers = _get_clones(encoder_layer, num_layers)
+        self.layers = get_clones(encoder_layer, num_layers)
         self.num_layers = num_layers
 
     @staticmethod
@@ -189,7 +189,7 @@ class DeformableTransformerEncoder(nn.Module):
         for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
             ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
                                           torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
-                                          indexing='ij')
+                                          indexing="ij")
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
             reference_points_list.append(torch.stack((ref_x, ref_y), -1))
@@ -217,7 +217,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = _get_activation_fn(activation)
+        self.activation = activation_fn(activation)
         self.dropout3 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout4 = nn.Dropout(dropout)
@@ -225,10 +225,10 @@ class DeformableTransformerDecoderLayer(nn.Module):
 
     def forward(self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index,
                 src_padding_mask=None):
-        q = k = _with_pos_embed(tgt, query_pos)
+        q = k = with_pos_embed(tgt, query_pos)
         tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
-        tgt2 = self.cross_attn(_with_pos_embed(tgt, query_pos), reference_points, src, src_spatial_shapes,
+        tgt2 = self.cross_attn(with_pos_embed(tgt, query_pos), reference_points, src, src_spatial_shapes,
                                level_start_index, src_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         tgt2 = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
@@ -246,7 +246,7 @@ class DeformableTransformerDecoder(nn.Module):
 
     def __init__(self, decoder_layer, num_layers):
         super().__init__()
-        self.layers = _get_clones(decoder_layer, num_layers)
+        self.layers = get_clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         self.bbox_embed = None
         self.class_embed = None

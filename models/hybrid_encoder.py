@@ -82,7 +82,8 @@ class HybridEncoder(nn.Module):
 
         num_blocks = round(3 * depth_mult)
         n_fusions = len(in_channels) - 1
-        self.lateral_convs = nn.ModuleList(ConvNormLayer(hidden_dim, hidden_dim, 1, 1, act=act) for _ in range(n_fusions))
+        self.lateral_convs = nn.ModuleList(ConvNormLayer(hidden_dim, hidden_dim, 1, 1, act=act)
+                                           for _ in range(n_fusions))
         self.fpn_blocks = nn.ModuleList(CSPRepLayer(2 * hidden_dim, hidden_dim, num_blocks, expansion, act)
                                         for _ in range(n_fusions))
         self.downsample_convs = nn.ModuleList(ConvNormLayer(hidden_dim, hidden_dim, 3, 2, act=act)

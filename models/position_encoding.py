@@ -68,8 +68,8 @@ def build_position_encoding(args, sine_offset=0.0):
     """sine_offset: the offset of the normalised sine positions (DETR 0, Deformable DETR -0.5)."""
     num_pos_feats = args.hidden_dim // 2
     # v2/v3 are the names the upstream code accepted before sine/learned.
-    if args.position_embedding in ('sine', 'v2'):
+    if args.position_embedding in ("sine", "v2"):
         return PositionEmbeddingSine(num_pos_feats, normalize=True, offset=sine_offset)
-    if args.position_embedding in ('learned', 'v3'):
+    if args.position_embedding in ("learned", "v3"):
         return PositionEmbeddingLearned(num_pos_feats)
     raise UserInputError(f"unknown --position_embedding {args.position_embedding!r}; use sine or learned")

@@ -4,8 +4,8 @@ down-sampling shortcuts ("ResNet-D", He et al. 2019). Module names follow RT-DET
 released checkpoints load unchanged (`conv1.conv1_1`, `res_layers.N.blocks.M.branch2a`, ...)."""
 from collections import OrderedDict
 
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from util.checkpoint import load_checkpoint
 from util.errors import UserInputError

@@ -1,9 +1,8 @@
 """RT-DETR (Zhao et al., "DETRs Beat YOLOs on Real-time Object Detection"): the detector, its
-criterion (varifocal + box losses, denoising losses), its post-processor, its flags and its
-optimizer groups.
+criterion (varifocal + box losses, denoising losses), its flags and its recipe (FAMILY).
 
-Labels are RT-DETR's contiguous 0..K-1, one per dataset category (datasets/rtdetr_transforms);
-the post-processor reports COCO category ids.
+Labels are RT-DETR's contiguous 0..K-1, label i for the dataset's i-th category id (its data
+pipeline, datasets/rtdetr_transforms.py, maps them); the post-processor reports category ids.
 """
 import random
 import re
@@ -12,21 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets.rtdetr_transforms import MULTI_SCALE_SIZES, category_ids, scaled_size
 from util import box_ops
+from util.coco import COCO_CATEGORY_IDS
 from util.errors import UserInputError
-from util.misc import NestedTensor, nested_tensor_from_tensor_list
+from util.misc import NestedTensor, nested_tensor_from_tensor_list, scaled_size
 
-from .dap_criterion import DAPCriterionMixin
-from .dap_matcher import build_dap_matcher
-from .deformable_detr import PostProcess as DeformablePostProcess
-from .deformable_detr import sigmoid_focal_loss
 from .denoising import denoising_match_indices
-from .detr import BaseSetCriterion
+from .family import DetectorFamily
 from .hybrid_encoder import HybridEncoder
-from .matcher import build_matcher
+from .postprocess import TopKPostProcess
 from .presnet import build_presnet
 from .rtdetr_decoder import RTDETRDecoder
+from .set_criterion import BaseSetCriterion, Layer, build_criterion, loss_choice, sigmoid_focal_loss
+
+# Training sizes of upstream's multi-scale schedule (times --input_scale), one drawn per batch.
+MULTI_SCALE_SIZES = (480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800)
 
 # Per backbone: CSP expansion of the encoder, and the widening of its AIFI/fusion width and
 # feed-forward size relative to --hidden_dim / --dim_feedforward (R101: 384 and 2048).
@@ -79,8 +78,9 @@ class RTDETRCriterion(BaseSetCriterion):
     'boxes' (L1 + GIoU, DETR's). Values are unweighted; weight_dict weighs them.
     """
 
-    def __init__(self, num_classes, matcher, weight_dict, losses, enc_losses, dn_losses, alpha=0.75, gamma=2.0):
-        super().__init__(num_classes, matcher, weight_dict, losses)
+    def __init__(self, num_classes, matcher, weight_dict, losses, enc_losses, dn_losses, alpha=0.75, gamma=2.0,
+                 dap=None):
+        super().__init__(num_classes, matcher, weight_dict, losses, dap)
         self.enc_losses = enc_losses
         self.dn_losses = dn_losses
         self.alpha = alpha
@@ -97,7 +97,7 @@ class RTDETRCriterion(BaseSetCriterion):
         one_hot[idx + (labels,)] = 1.0
         return idx, one_hot
 
-    def loss_vfl(self, outputs, targets, indices, num_boxes):
+    def loss_vfl(self, outputs, targets, indices, totals):
         """Varifocal loss: BCE towards the matched box's IoU (detached) at its class and 0
         elsewhere; negatives weighted by alpha * p**gamma, positives by their target IoU."""
         logits = outputs["pred_logits"]
@@ -112,69 +112,35 @@ class RTDETRCriterion(BaseSetCriterion):
         loss = F.binary_cross_entropy_with_logits(logits, target_score, weight=weight, reduction="none")
         # Upstream's loss.mean(1).sum() * num_queries / num_boxes, without its NaN when a batch
         # has no denoising queries.
-        return {"loss_vfl": loss.sum() / num_boxes}
+        return {"loss_vfl": loss.sum() / totals["num_boxes"]}
 
-    def loss_focal(self, outputs, targets, indices, num_boxes):
+    def loss_focal(self, outputs, targets, indices, totals):
         """Sigmoid focal loss towards the one-hot class of the matched queries (RT-DETR's
         classification loss without IoU awareness)."""
         logits = outputs["pred_logits"]
         _, one_hot = self._one_hot_targets(logits, targets, indices)
-        loss = sigmoid_focal_loss(logits, one_hot, num_boxes, alpha=self.alpha, gamma=self.gamma)
+        loss = sigmoid_focal_loss(logits, one_hot, totals["num_boxes"], alpha=self.alpha, gamma=self.gamma)
         return {"loss_focal": loss * logits.shape[1]}
 
-    def _layer_losses(self, names, outputs, targets, indices, num_boxes, suffix):
-        losses = {}
-        for name in names:
-            kwargs = self.aux_layer_kwargs.get(name, {}) if suffix else {}
-            layer_losses = self.get_loss(name, outputs, targets, indices, num_boxes, **kwargs)
-            losses.update({k + suffix: v for k, v in layer_losses.items()})
-        return losses
-
-    def forward(self, outputs, targets, step_targets=None):
-        """As BaseSetCriterion.forward (step_targets: gradient accumulation), per layer type."""
-        num_boxes = self._begin_step(outputs, targets, step_targets)
+    def layers(self, outputs, targets):
         aux = outputs.get("aux_outputs", [])
-        layers = [("", outputs, self.losses)] + [(f"_aux_{i}", a, self.losses) for i, a in enumerate(aux)]
+        yield Layer("", outputs, targets, self.losses)
+        for i, aux_outputs in enumerate(aux):
+            yield Layer(f"_aux_{i}", aux_outputs, targets, self.losses)
         if "enc_outputs" in outputs:
-            layers.append((f"_aux_{len(aux)}", outputs["enc_outputs"], self.enc_losses))
-
-        losses = {}
-        for suffix, layer_outputs, names in layers:
-            indices = self.matcher(layer_outputs, targets)
-            losses.update(self._layer_losses(names, layer_outputs, targets, indices, num_boxes, suffix))
+            yield Layer(f"_aux_{len(aux)}", outputs["enc_outputs"], targets, self.enc_losses)
         if "dn_aux_outputs" in outputs:
             meta = outputs["dn_meta"]
             indices = denoising_match_indices(meta, targets)
             for i, layer_outputs in enumerate(outputs["dn_aux_outputs"]):
-                losses.update(self._layer_losses(self.dn_losses, layer_outputs, targets, indices,
-                                                 num_boxes * meta["dn_num_group"], f"_dn_{i}"))
-        return losses
-
-
-class DAPRTDETRCriterion(DAPCriterionMixin, RTDETRCriterion):
-    """RTDETRCriterion with the 'dap' loss available (--loss dap or raw+dap)."""
-
-
-class PostProcess(DeformablePostProcess):
-    """Deformable DETR's top-k (query, class) selection, 300 pairs, reporting category ids."""
-
-    def __init__(self, category_ids, num_select=300):
-        super().__init__(num_select)
-        self.register_buffer("category_ids", torch.as_tensor(category_ids, dtype=torch.int64), persistent=False)
-
-    @torch.no_grad()
-    def forward(self, outputs, target_sizes):
-        """target_sizes: [B, 2] (height, width) of each original image, as for DETR (upstream
-        RT-DETR passes (width, height)). 'labels' are category ids."""
-        results = super().forward(outputs, target_sizes)
-        ids = self.category_ids.to(outputs["pred_logits"].device)
-        return [{**r, "labels": ids[r["labels"]]} for r in results]
+                yield Layer(f"_dn_{i}", layer_outputs, targets, self.dn_losses, indices=indices,
+                            box_groups=meta["dn_num_group"])
 
 
 # ----------------------------------------------------------------------------- flags and recipe
 
-def add_rtdetr_args(parser):
-    """RT-DETR's flags (the others map onto DETR's, see models.MODEL_DEFAULTS['rtdetr'])."""
+def add_args(parser):
+    """RT-DETR's own flags; the others map onto DETR's (FAMILY.defaults)."""
     group = parser.add_argument_group("RT-DETR")
     group.add_argument("--no_iou_aware_query_selection", dest="iou_aware_query_selection", action="store_false",
                        help="train the encoder's query-selection scores with the focal loss instead of the "
@@ -188,13 +154,6 @@ def add_rtdetr_args(parser):
     group.add_argument("--no_multi_scale", dest="multi_scale", action="store_false",
                        help="train at the evaluation size only (default: a random size of 480..800, times "
                             "--input_scale, per batch; also off with --no_train_augmentation)")
-    group.add_argument("--ema", dest="ema", action="store_true", default=False,
-                       help="[model] evaluate and save an exponential moving average of the weights")
-    group.add_argument("--no_ema", dest="ema", action="store_false")
-    group.add_argument("--ema_decay", default=0.9999, type=float)
-    group.add_argument("--ema_warmups", default=2000, type=int,
-                       help="updates over which the EMA decay ramps up: decay * (1 - exp(-updates / warmups))")
-    return parser
 
 
 # Upstream (optimizer.yml): no weight decay on the biases and norm weights of the encoder and
@@ -203,7 +162,7 @@ def add_rtdetr_args(parser):
 _NO_DECAY = re.compile(r"(encoder|decoder).*(bias|norm.*weight)")
 
 
-def rtdetr_param_groups(model, args):
+def param_groups(model, args):
     """AdamW parameter groups: backbone (names containing one of --lr_backbone_names) at
     --lr_backbone; weight decay 0 as above; the rest at --lr and --weight_decay."""
     groups = {key: [] for key in [(False, False), (False, True), (True, False), (True, True)]}
@@ -226,8 +185,8 @@ def loss_names(args):
     keep their raw losses under every --loss, dap included: they reconstruct noised ground
     truth as a training aid and are never detections, so there is no AP of theirs to optimise.
     """
-    with_raw = args.loss in ("raw", "raw+dap")
-    dap = ["dap"] if args.loss in ("dap", "raw+dap") else []
+    with_raw, with_dap = loss_choice(args)
+    dap = ["dap"] if with_dap else []
     enc_cls = "vfl" if args.iou_aware_query_selection else "focal"
     return ((["vfl", "boxes"] if with_raw else []) + dap,
             ([enc_cls, "boxes"] if with_raw else []) + dap,
@@ -241,7 +200,7 @@ def weights_for(names, suffix, args):
     return {k + suffix: w for name in names for k, w in keys[name].items()}
 
 
-def build(args):
+def build(args, category_ids):
     if args.loss == "dap" and args.iou_aware_query_selection:
         raise UserInputError("--loss dap with RT-DETR trains the encoder's query selection with DAP, not with "
                              "the IoU-aware varifocal loss: add --no_iou_aware_query_selection (or use "
@@ -252,7 +211,7 @@ def build(args):
     if args.backbone not in BACKBONE_PRESETS:
         raise UserInputError(f"unknown --backbone {args.backbone!r} for RT-DETR; use one of "
                              f"{', '.join(BACKBONE_PRESETS)}")
-    categories = category_ids(args)
+    categories = COCO_CATEGORY_IDS if category_ids is None else category_ids
     if args.num_classes is not None and args.num_classes != max(categories) + 1:
         raise UserInputError(f"--num_classes {args.num_classes} does not fit the dataset: RT-DETR classifies "
                              f"its {len(categories)} categories (largest id {max(categories)}, so --num_classes "
@@ -272,7 +231,7 @@ def build(args):
         dim_feedforward=args.dim_feedforward, dropout=args.dropout, num_denoising=args.num_denoising,
         label_noise_ratio=args.label_noise_ratio, box_noise_scale=args.box_noise_scale, aux_loss=args.aux_loss)
     multi_scale = None
-    if args.multi_scale and getattr(args, "train_augmentation", True):
+    if args.multi_scale and args.train_augmentation:
         multi_scale = [scaled_size(s, args.input_scale) for s in MULTI_SCALE_SIZES]
     model = RTDETR(backbone, encoder, decoder, multi_scale)
 
@@ -286,12 +245,22 @@ def build(args):
         for i in range(args.dec_layers):
             weight_dict.update(weights_for(dn_losses, f"_dn_{i}", args))
 
-    matcher = (build_dap_matcher(args, activation="sigmoid") if args.matcher == "dap"
-               else build_matcher(args, focal=True))
-    criterion_cls = DAPRTDETRCriterion if "dap" in dec_losses else RTDETRCriterion
-    criterion = criterion_cls(num_classes, matcher, weight_dict, dec_losses, enc_losses, dn_losses)
-    if "dap" in dec_losses:
-        criterion.init_dap(activation="sigmoid", num_bins=args.dap_bins, sigma=args.dap_sigma,
-                           num_gt=args.dap_num_gt, neg_topk=args.dap_neg_topk)
-    criterion.to(torch.device(args.device))
-    return model, criterion, {"bbox": PostProcess(categories)}
+    criterion = build_criterion(args, RTDETRCriterion, activation="sigmoid", num_classes=num_classes,
+                                weight_dict=weight_dict, losses=dec_losses, enc_losses=enc_losses, dn_losses=dn_losses)
+    return model, criterion, {"bbox": TopKPostProcess(num_select=300, category_ids=categories)}
+
+
+FAMILY = DetectorFamily(
+    name="rtdetr", build=build, param_groups=param_groups, add_args=add_args, data_pipeline="rtdetr",
+    # RT-DETR trains its encoder/decoder batch norms with statistics of the global batch.
+    sync_batchnorm=True,
+    # Without auxiliary losses the intermediate score heads get no gradient.
+    find_unused_parameters=lambda args: not args.aux_loss,
+    # RT-DETR R50 (rtdetr_r50vd_6x_coco) where it differs from DETR's defaults: 72 epochs, batch 4
+    # per GPU (x4), MultiStepLR at epoch 1000 (never), every epoch's checkpoint kept, EMA; the
+    # post-processor keeps 300 pairs, hence 300 DAP negatives per image. Its lr (1e-4, backbone
+    # 1e-5), weight decay, clipping, width, heads, decoder layers, sampling points, box costs and
+    # loss weights are DETR's.
+    defaults=dict(epochs=72, lr_drop=1000, batch_size=4, backbone="presnet50vd", enc_layers=1,
+                  dim_feedforward=1024, dropout=0.0, num_queries=300, set_cost_class=2, checkpoint_period=1,
+                  ema=True, dap_neg_topk=300))

@@ -11,7 +11,7 @@ from torch import nn
 from util.misc import inverse_sigmoid
 
 from .denoising import contrastive_denoising_groups
-from .detr import MLP
+from .layers import MLP
 from .ops import MSDeformAttn
 from .transformer import ResidualLayer
 
@@ -194,7 +194,8 @@ class RTDETRDecoder(nn.Module):
         dn = None
         if self.training and self.num_denoising > 0:
             if targets is None:
-                raise ValueError("RT-DETR's training forward needs the targets (denoising): call model(samples, targets)")
+                raise ValueError("RT-DETR's training forward needs the targets (denoising): "
+                                 "call model(samples, targets)")
             dn = contrastive_denoising_groups(targets, self.num_classes, self.num_queries, self.denoising_class_embed,
                                               self.num_denoising, self.label_noise_ratio, self.box_noise_scale)
             target = torch.cat([dn.class_embeds, target], 1)

@@ -5,11 +5,10 @@ positional encodings are added to queries and keys (not values) in every attenti
 the decoder has a final LayerNorm applied to every intermediate output, and the encoder has
 one only with pre-norm. Tensors are sequence-first: [S, B, C].
 """
-import copy
-
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .layers import activation_fn, get_clones, with_pos_embed
 
 
 class Transformer(nn.Module):
@@ -57,7 +56,7 @@ class TransformerEncoder(nn.Module):
 
     def __init__(self, encoder_layer, num_layers, norm=None):
         super().__init__()
-        self.layers = _get_clones(encoder_layer, num_layers)
+        self.layers = get_clones(encoder_layer, num_layers)
         self.num_layers = num_layers
         self.norm = norm
 
@@ -74,7 +73,7 @@ class TransformerDecoder(nn.Module):
 
     def __init__(self, decoder_layer, num_layers, norm, return_intermediate=False):
         super().__init__()
-        self.layers = _get_clones(decoder_layer, num_layers)
+        self.layers = get_clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         self.norm = norm
         self.return_intermediate = return_intermediate
@@ -125,11 +124,11 @@ class TransformerEncoderLayer(ResidualLayer):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
-        self.activation = _get_activation_fn(activation)
+        self.activation = activation_fn(activation)
 
     def forward(self, src, src_key_padding_mask=None, pos=None):
         def self_attention(x):
-            q = k = _with_pos_embed(x, pos)
+            q = k = with_pos_embed(x, pos)
             return self.self_attn(q, k, value=x, key_padding_mask=src_key_padding_mask, need_weights=False)[0]
 
         src = self._residual(src, self_attention, self.norm1, self.dropout1)
@@ -152,37 +151,21 @@ class TransformerDecoderLayer(ResidualLayer):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
-        self.activation = _get_activation_fn(activation)
+        self.activation = activation_fn(activation)
 
     def forward(self, tgt, memory, memory_key_padding_mask=None, pos=None, query_pos=None):
         def self_attention(x):
-            q = k = _with_pos_embed(x, query_pos)
+            q = k = with_pos_embed(x, query_pos)
             return self.self_attn(q, k, value=x, need_weights=False)[0]
 
         def cross_attention(x):
-            return self.multihead_attn(query=_with_pos_embed(x, query_pos), key=_with_pos_embed(memory, pos),
+            return self.multihead_attn(query=with_pos_embed(x, query_pos), key=with_pos_embed(memory, pos),
                                        value=memory, key_padding_mask=memory_key_padding_mask,
                                        need_weights=False)[0]
 
         tgt = self._residual(tgt, self_attention, self.norm1, self.dropout1)
         tgt = self._residual(tgt, cross_attention, self.norm2, self.dropout2)
         return self._residual(tgt, self._ffn, self.norm3, self.dropout3)
-
-
-def _with_pos_embed(tensor, pos):
-    return tensor if pos is None else tensor + pos
-
-
-def _get_clones(module, n):
-    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
-
-
-def _get_activation_fn(activation):
-    if activation == "relu":
-        return F.relu
-    if activation == "gelu":
-        return F.gelu
-    raise ValueError(f"activation should be relu or gelu, not {activation}")
 
 
 def build_transformer(args):

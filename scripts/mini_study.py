@@ -181,7 +181,8 @@ def plan(preset, out, data_dir, num_classes):
         return MODELS[model][1] + common + ARMS[arm][1] + [
             "--finetune", pretrain[model].dir / "checkpoint.pth", "--epochs", ft["epochs"],
             "--lr_drop", max(ft["epochs"] - 1, 1), "--batch_size", ft["batch_size"],
-            "--lr", MODELS[model][2]["lr"] / 10 * ARMS[arm][2], "--lr_backbone", 0, "--dap_num_gt", 0, "--seed", seed, *extra]
+            "--lr", MODELS[model][2]["lr"] / 10 * ARMS[arm][2], "--lr_backbone", 0, "--dap_num_gt", 0,
+            "--seed", seed, *extra]
 
     arms = {(m, a, s): Run(out / m / f"seed{s}" / a, finetune(m, a, s))
             for m in preset["models"] for a in ARMS for s in preset["seeds"]}
@@ -199,7 +200,7 @@ def plan(preset, out, data_dir, num_classes):
 
 
 def parse_flags(flags):
-    return detr_main.parse_args(argparse.ArgumentParser(parents=[detr_main.get_args_parser()]), flags)
+    return argparse.ArgumentParser(parents=[detr_main.get_args_parser()]).parse_args(flags)
 
 
 # ----------------------------------------------------------------------------- tables

@@ -176,11 +176,11 @@ def commands(opts, extra):
                                  output_dir=output_dir, checkpoint_dir=opts.checkpoint_dir))
         if opts.slurm:
             argv = ["--ngpus", str(opts.gpus), "--nodes", str(opts.nodes), *argv, *extra]
-            detr_main.parse_args(get_launcher_parser(), argv)  # argparse's message and exit 2 on a bad flag
+            get_launcher_parser().parse_args(argv)  # argparse's message and exit 2 on a bad flag
             cmd = [sys.executable, str(REPO / "run_with_submitit.py"), *argv]
         else:
             argv += extra
-            detr_main.parse_args(argparse.ArgumentParser("main.py", parents=[detr_main.get_args_parser()]), argv)
+            argparse.ArgumentParser("main.py", parents=[detr_main.get_args_parser()]).parse_args(argv)
             launcher = [sys.executable]
             if opts.gpus > 1:
                 launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={opts.gpus}"]

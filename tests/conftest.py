@@ -1,14 +1,17 @@
-"""Shared fixtures: one thread per test process, the repo on sys.path, a small synthetic
-COCO-format dataset generated once per session, and the tiny model flags the CPU tests use."""
+"""Shared test helpers: one thread per test process, a small synthetic COCO-format dataset
+generated once per session, the tiny model flags of each family that the CPU tests use, and
+parsing / running main.py as its users do (a child parser of get_args_parser)."""
+import argparse
 import os
-import sys
 
 import pytest
 import torch
 
+import main as detr_main
+from datasets import category_ids
+from models import build_model
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 torch.set_num_threads(1)
 
@@ -20,6 +23,23 @@ TINY_DETR_FLAGS = [
     "--input_scale", "0.12", "--num_workers", "0", "--print_freq", "5",
 ]
 
+# Deformable DETR: resnet18, hidden 32, 1 encoder / 2 decoder layers, 10 queries, 5 classes, 2 points.
+TINY_DEFORMABLE_FLAGS = TINY_DETR_FLAGS + ["--model", "deformable_detr", "--num_classes", "5",
+                                           "--enc_n_points", "2", "--dec_n_points", "2"]
+DEFORMABLE_VARIANTS = {
+    "single_scale": ["--num_feature_levels", "1"],
+    "multi_scale": [],
+    "box_refine": ["--with_box_refine"],
+    "two_stage": ["--with_box_refine", "--two_stage"],
+}
+
+TINY_RTDETR_FLAGS = [
+    "--model", "rtdetr", "--device", "cpu", "--backbone", "presnet18vd", "--no_pretrained_backbone",
+    "--hidden_dim", "32", "--dim_feedforward", "64", "--nheads", "2", "--enc_layers", "1",
+    "--dec_layers", "2", "--num_queries", "16", "--num_denoising", "8", "--input_scale", "0.1",
+    "--num_workers", "0", "--print_freq", "5", "--batch_size", "2",
+]
+
 
 @pytest.fixture(scope="session")
 def synthetic_coco(tmp_path_factory):
@@ -28,3 +48,38 @@ def synthetic_coco(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic_coco")
     info = make_synthetic_coco(str(root), num_train=8, num_val=4, image_size=96, seed=0)
     return str(root), info["num_classes"]
+
+
+def parse(flags):
+    """main.py's arguments, parsed as a user's script would: a child parser of get_args_parser."""
+    return argparse.ArgumentParser(parents=[detr_main.get_args_parser()]).parse_args(flags)
+
+
+def run(flags):
+    """main.main on these flags (the output folder created as the command line does)."""
+    args = parse(flags)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return detr_main.main(args)
+
+
+def data_flags(synthetic_coco):
+    """The tiny DETR on the synthetic dataset, 2 images per batch."""
+    path, num_classes = synthetic_coco
+    return TINY_DETR_FLAGS + ["--coco_path", path, "--num_classes", str(num_classes), "--batch_size", "2"]
+
+
+def rtdetr_args(*flags):
+    return parse(TINY_RTDETR_FLAGS + list(flags))
+
+
+def build_rtdetr(*flags):
+    """The tiny RT-DETR (seed 0), classifying the dataset's categories when --coco_path is given."""
+    torch.manual_seed(0)
+    args = rtdetr_args(*flags)
+    return build_model(args, category_ids(args))
+
+
+def rtdetr_targets():
+    return [{"labels": torch.tensor([3, 0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]])},
+            {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.5]])}]

@@ -8,13 +8,22 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import TINY_DETR_FLAGS
 from main import get_args_parser
-from models.dap_criterion import (COCO_IOU_THRESHOLDS, bin_mass, class_probabilities, differentiable_ap,
-                                  differentiable_ap_terms, gather_detections, localisation_function,
-                                  score_thresholds, tail_mass)
-from models.detr import DAPSetCriterion, build
+from models import build_model
+from models.dap_criterion import DAPLoss, gather_detections
+from models.dap_functional import (
+    COCO_IOU_THRESHOLDS,
+    bin_mass,
+    class_probabilities,
+    differentiable_ap,
+    differentiable_ap_terms,
+    localisation_function,
+    score_thresholds,
+    tail_mass,
+)
 from util import box_ops
+
+from conftest import TINY_DETR_FLAGS
 
 ALPHAS = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
 
@@ -100,7 +109,7 @@ def counting_ap(pos_s, pos_u, neg_s, n, num_gt):
     for alpha in ALPHAS:
         precisions, recalls = [], []
         for i in range(n):
-            def kept(s):
+            def kept(s, i=i):
                 return i == 0 or s >= i / n
             tp = sum(1 for s, u in zip(pos_s, pos_u) if kept(s) and u >= alpha)
             fp = sum(1 for s, u in zip(pos_s, pos_u) if kept(s) and u < alpha) + sum(map(kept, neg_s))
@@ -148,7 +157,7 @@ def test_iou_thresholds_are_the_decimals():
     assert COCO_IOU_THRESHOLDS == tuple(ALPHAS)
 
 
-@pytest.mark.parametrize('seed', range(60))
+@pytest.mark.parametrize("seed", range(60))
 def test_matches_brute_force(seed):
     pos_s, pos_u, neg_s, n, sigma, num_gt = random_case(seed)
     (dap, prec), grads = run(pos_s, pos_u, neg_s, n, sigma, num_gt)
@@ -159,7 +168,7 @@ def test_matches_brute_force(seed):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize('seed', range(20))
+@pytest.mark.parametrize("seed", range(20))
 def test_float32_matches_brute_force_with_finite_gradients(seed):
     pos_s, pos_u, neg_s, n, sigma, num_gt = random_case(500 + seed)
     (dap, prec), grads = run(pos_s, pos_u, neg_s, n, sigma, num_gt, torch.float32)
@@ -171,24 +180,24 @@ def test_float32_matches_brute_force_with_finite_gradients(seed):
 
 
 EDGE_CASES = {
-    'no_positives': ([], [], [0.3, 0.9], 8, 0.05, None),
-    'no_positives_fixed_gt': ([], [], [0.3, 0.9], 8, 0.05, 5),
-    'nothing': ([], [], [], 8, 0.05, None),
-    'no_negatives': ([0.2, 0.7, 0.9], [0.3, 0.6, 0.97], [], 8, 0.05, None),
-    'all_scores_0': ([0.0, 0.0], [0.7, 0.2], [0.0, 0.0, 0.0], 32, 0.05, None),
-    'all_scores_1': ([1.0, 1.0], [0.7, 0.2], [1.0, 1.0, 1.0], 32, 0.05, 4),
-    'ious_0': ([0.4, 0.8], [0.0, 0.0], [0.5], 32, 0.05, None),
-    'ious_1': ([0.4, 0.8], [1.0, 1.0], [0.5], 32, 0.05, None),
-    'on_thresholds': ([0.25, 0.5, 0.75], [0.5, 0.85, 0.9], [0.125, 0.875], 8, 0.05, None),
-    'tiny_sigma_far_tail': ([0.05, 0.99], [0.6, 0.96], [0.02, 0.98], 32, 0.001, None),
-    'zero_gt': ([0.2, 0.7], [0.6, 0.9], [0.5], 8, 0.05, 0),
+    "no_positives": ([], [], [0.3, 0.9], 8, 0.05, None),
+    "no_positives_fixed_gt": ([], [], [0.3, 0.9], 8, 0.05, 5),
+    "nothing": ([], [], [], 8, 0.05, None),
+    "no_negatives": ([0.2, 0.7, 0.9], [0.3, 0.6, 0.97], [], 8, 0.05, None),
+    "all_scores_0": ([0.0, 0.0], [0.7, 0.2], [0.0, 0.0, 0.0], 32, 0.05, None),
+    "all_scores_1": ([1.0, 1.0], [0.7, 0.2], [1.0, 1.0, 1.0], 32, 0.05, 4),
+    "ious_0": ([0.4, 0.8], [0.0, 0.0], [0.5], 32, 0.05, None),
+    "ious_1": ([0.4, 0.8], [1.0, 1.0], [0.5], 32, 0.05, None),
+    "on_thresholds": ([0.25, 0.5, 0.75], [0.5, 0.85, 0.9], [0.125, 0.875], 8, 0.05, None),
+    "tiny_sigma_far_tail": ([0.05, 0.99], [0.6, 0.96], [0.02, 0.98], 32, 0.001, None),
+    "zero_gt": ([0.2, 0.7], [0.6, 0.9], [0.5], 8, 0.05, 0),
     # Tails 37.8 sigma out: subnormal soft counts in float64.
-    'subnormal_counts': ([0.122, 0.122], [0.7, 0.2], [0.122], 2, 0.01, None),
+    "subnormal_counts": ([0.122, 0.122], [0.7, 0.2], [0.122], 2, 0.01, None),
 }
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-@pytest.mark.parametrize('name', EDGE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", EDGE_CASES)
 def test_edge_cases(name, dtype):
     pos_s, pos_u, neg_s, n, sigma, num_gt = EDGE_CASES[name]
     (dap, prec), grads = run(pos_s, pos_u, neg_s, n, sigma, num_gt, dtype)
@@ -212,8 +221,8 @@ def test_value_is_zero_exactly_without_positives_even_with_negatives_requiring_g
     assert dap.item() == 0.0 and (neg.grad == 0).all()
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-@pytest.mark.parametrize('n', [1, 8, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 8, 32])
 def test_perfect_detections_give_1_point_1(n, dtype):
     scores = torch.cat([torch.ones(3), torch.rand(5, generator=torch.Generator().manual_seed(n))]).to(dtype)
     terms = differentiable_ap_terms(scores, torch.ones_like(scores), scores[:0], num_bins=n)
@@ -222,7 +231,7 @@ def test_perfect_detections_give_1_point_1(n, dtype):
     assert (terms.precision == 1).all()
 
 
-@pytest.mark.parametrize('seed', range(15))
+@pytest.mark.parametrize("seed", range(15))
 def test_sharp_limit_is_counting_ap(seed):
     """sigma -> 0 with IoUs on the knots of L̂ (where L̂ = L) gives the rectangle-rule AP of Eq. 3."""
     rng = np.random.default_rng(100 + seed)
@@ -359,7 +368,7 @@ def smooth_case(seed):
     return tensors(rng.uniform(0.05, 0.95, num_pos), ious, rng.uniform(0.05, 0.95, num_neg))
 
 
-@pytest.mark.parametrize('seed', range(6))
+@pytest.mark.parametrize("seed", range(6))
 def test_gradcheck(seed):
     inputs = smooth_case(seed)
     num_gt = [None, 10][seed % 2]
@@ -367,7 +376,7 @@ def test_gradcheck(seed):
         lambda s, u, neg: differentiable_ap(s, u, neg, num_bins=8, sigma=0.1, num_gt=num_gt), inputs)
 
 
-@pytest.mark.parametrize('seed', range(20))
+@pytest.mark.parametrize("seed", range(20))
 def test_gradient_signs(seed):
     pos_s, pos_u, neg_s, n, sigma, num_gt = random_case(200 + seed)
     pos_u = np.where(np.arange(len(pos_u)) % 3 == 0, np.maximum(pos_u, 0.95), pos_u)
@@ -421,14 +430,14 @@ def random_layer(seed, target_counts=(3, 0, 2), num_queries=6, num_classes=4, nu
         return torch.cat([0.25 + 0.5 * torch.rand(*shape, 2, generator=g, dtype=dtype),
                           0.1 + 0.4 * torch.rand(*shape, 2, generator=g, dtype=dtype)], -1)
 
-    outputs = {'pred_logits': 2 * torch.randn(len(target_counts), num_queries, num_logits, generator=g, dtype=dtype),
-               'pred_boxes': boxes(len(target_counts), num_queries)}
+    outputs = {"pred_logits": 2 * torch.randn(len(target_counts), num_queries, num_logits, generator=g, dtype=dtype),
+               "pred_boxes": boxes(len(target_counts), num_queries)}
     targets, indices = [], []
     for count in target_counts:
         labels = torch.randint(0, num_classes, (count,), generator=g)
         if count >= 2:
             labels[-1] = labels[-2]
-        targets.append({'labels': labels, 'boxes': boxes(count).float()})
+        targets.append({"labels": labels, "boxes": boxes(count).float()})
         indices.append((torch.randperm(num_queries, generator=g)[:count], torch.randperm(count, generator=g)))
     return outputs, targets, indices
 
@@ -445,22 +454,22 @@ def ref_iou(a, b):
 def ref_gather(outputs, targets, indices, activation, neg_topk):
     """Spec section 3 with loops over images, queries and classes; torch scalars keep autograd.
     Returns ([(pos score, pos IoU)], [neg score])."""
-    logits, pred_boxes = outputs['pred_logits'], outputs['pred_boxes']
+    logits, pred_boxes = outputs["pred_logits"], outputs["pred_boxes"]
     positives, negatives = [], []
     for b, (target, (src, tgt)) in enumerate(zip(targets, indices)):
         matched = {int(q): int(t) for q, t in zip(src, tgt)}
         pairs = []  # (score, query, class) of every candidate negative pair (sigmoid)
         for q in range(logits.shape[1]):
             row = list(logits[b, q])
-            if activation == 'softmax':
+            if activation == "softmax":
                 total = sum(torch.exp(v) for v in row)
                 probs = [torch.exp(v) / total for v in row[:-1]]
             else:
                 probs = [1 / (1 + torch.exp(-v)) for v in row]
-            label = int(target['labels'][matched[q]]) if q in matched else None
+            label = int(target["labels"][matched[q]]) if q in matched else None
             if label is not None:
-                positives.append((probs[label], ref_iou(pred_boxes[b, q], target['boxes'][matched[q]].double())))
-            if activation == 'softmax':
+                positives.append((probs[label], ref_iou(pred_boxes[b, q], target["boxes"][matched[q]].double())))
+            if activation == "softmax":
                 if label is None:
                     negatives.append(max(probs))
             else:
@@ -475,18 +484,18 @@ def pair_objective(pos_scores, pos_ious, neg_scores):
     return (pos_scores * pos_ious + pos_scores ** 2 + 2 * pos_ious).sum() + (neg_scores ** 2 + neg_scores).sum()
 
 
-@pytest.mark.parametrize('activation,neg_topk', [('softmax', 100), ('sigmoid', 0), ('sigmoid', 5),
-                                                 ('sigmoid', 23), ('sigmoid', 24), ('sigmoid', 1000)])
-@pytest.mark.parametrize('seed', range(3))
+@pytest.mark.parametrize("activation,neg_topk", [("softmax", 100), ("sigmoid", 0), ("sigmoid", 5),
+                                                 ("sigmoid", 23), ("sigmoid", 24), ("sigmoid", 1000)])
+@pytest.mark.parametrize("seed", range(3))
 def test_gather_detections_matches_brute_force(activation, neg_topk, seed):
     """Sigmoid: 24 (query, class) pairs per image, so k = 23, 24, 1000 cover k at and above the
     number of negatives of images with positives; neg_topk 0 keeps every pair."""
-    num_logits = 5 if activation == 'softmax' else 4
+    num_logits = 5 if activation == "softmax" else 4
     outputs, targets, indices = random_layer(seed, num_logits=num_logits)
     if seed == 2:
         # Positive pairs scored far above everything: they must still not take a negative's place.
         for b, (src, tgt) in enumerate(indices):
-            outputs['pred_logits'][b, src, targets[b]['labels'][tgt]] = 6.0
+            outputs["pred_logits"][b, src, targets[b]["labels"][tgt]] = 6.0
     for t in outputs.values():
         t.requires_grad_()
     pos_s, pos_u, neg_s = gather_detections(outputs, targets, indices, activation, neg_topk)
@@ -494,9 +503,9 @@ def test_gather_detections_matches_brute_force(activation, neg_topk, seed):
 
     assert pos_s.dtype == pos_u.dtype == neg_s.dtype == torch.float32
     assert pos_s.shape == pos_u.shape == (5,)
-    expected_negatives = {'softmax': 3 * 6 - 5, 0: 3 * 24 - 5, 5: 15, 23: 21 + 23 + 22, 24: 3 * 24 - 5,
+    expected_negatives = {"softmax": 3 * 6 - 5, 0: 3 * 24 - 5, 5: 15, 23: 21 + 23 + 22, 24: 3 * 24 - 5,
                           1000: 3 * 24 - 5}
-    assert neg_s.shape == (expected_negatives['softmax' if activation == 'softmax' else neg_topk],)
+    assert neg_s.shape == (expected_negatives["softmax" if activation == "softmax" else neg_topk],)
     got_pos = sorted(zip(pos_s.tolist(), pos_u.tolist()))
     want_pos = sorted((s.item(), u.item()) for s, u in ref_pos)
     np.testing.assert_allclose(got_pos, want_pos, rtol=1e-5, atol=1e-6)
@@ -505,9 +514,9 @@ def test_gather_detections_matches_brute_force(activation, neg_topk, seed):
     # The IoUs are those of box_iou on the matched boxes.
     for b, (src, tgt) in enumerate(indices):
         for q, t in zip(src.tolist(), tgt.tolist()):
-            iou = box_ops.box_iou(box_ops.box_cxcywh_to_xyxy(outputs['pred_boxes'][b, q:q + 1].float()),
-                                  box_ops.box_cxcywh_to_xyxy(targets[b]['boxes'][t:t + 1]))[0]
-            score = class_probabilities(outputs['pred_logits'][b, q], activation)[targets[b]['labels'][t]].item()
+            iou = box_ops.box_iou(box_ops.box_cxcywh_to_xyxy(outputs["pred_boxes"][b, q:q + 1].float()),
+                                  box_ops.box_cxcywh_to_xyxy(targets[b]["boxes"][t:t + 1]))[0]
+            score = class_probabilities(outputs["pred_logits"][b, q], activation)[targets[b]["labels"][t]].item()
             assert (score, iou.item()) in [pytest.approx(p, rel=1e-6) for p in got_pos]
 
     # Gradients reach the logits and the boxes, and equal those of the reference.
@@ -520,35 +529,35 @@ def test_gather_detections_matches_brute_force(activation, neg_topk, seed):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('activation', ['softmax', 'sigmoid'])
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
 def test_gather_detections_without_any_target(activation):
     outputs, targets, indices = random_layer(0, target_counts=(0, 0), num_logits=5)
     pos_s, pos_u, neg_s = gather_detections(outputs, targets, indices, activation, neg_topk=0)
     assert pos_s.shape == pos_u.shape == (0,)
-    probs = class_probabilities(outputs['pred_logits'], activation)
-    expected = probs.max(-1).values if activation == 'softmax' else probs
+    probs = class_probabilities(outputs["pred_logits"], activation)
+    expected = probs.max(-1).values if activation == "softmax" else probs
     torch.testing.assert_close(neg_s.sort().values, expected.flatten().sort().values)
 
 
 def test_gather_detections_scores_in_float32_under_mixed_precision():
     outputs, targets, indices = random_layer(1)
-    half = {'pred_logits': outputs['pred_logits'].bfloat16(), 'pred_boxes': outputs['pred_boxes'].bfloat16()}
-    pos_s, pos_u, neg_s = gather_detections(half, targets, indices, 'softmax')
+    half = {"pred_logits": outputs["pred_logits"].bfloat16(), "pred_boxes": outputs["pred_boxes"].bfloat16()}
+    pos_s, pos_u, neg_s = gather_detections(half, targets, indices, "softmax")
     assert pos_s.dtype == pos_u.dtype == neg_s.dtype == torch.float32
     # softmax of the bfloat16 logits evaluated in float32, not rounded to bfloat16
-    exact = outputs['pred_logits'].bfloat16().float().softmax(-1)
+    exact = outputs["pred_logits"].bfloat16().float().softmax(-1)
     batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
     query_idx = torch.cat([src for src, _ in indices])
-    labels = torch.cat([t['labels'][tgt] for t, (_, tgt) in zip(targets, indices)])
+    labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)])
     torch.testing.assert_close(pos_s, exact[batch_idx, query_idx, labels], rtol=1e-6, atol=1e-7)
 
 
-# ---------------------------------------------------------------- plumbing: DAPSetCriterion
+# ---------------------------------------------------------------- plumbing: DETR's criterion with DAPLoss
 
 def build_criterion(*flags):
     parser = argparse.ArgumentParser(parents=[get_args_parser()])
-    args = parser.parse_args(TINY_DETR_FLAGS + ['--num_classes', '4', '--dec_layers', '3', *flags])
-    return build(args)[1]
+    args = parser.parse_args(TINY_DETR_FLAGS + ["--num_classes", "4", "--dec_layers", "3", *flags])
+    return build_model(args)[1]
 
 
 def three_layers(seed):
@@ -559,62 +568,62 @@ def three_layers(seed):
     outputs = dict(layers[0][0], aux_outputs=[layer[0] for layer in layers[1:]])
     targets = layers[0][1]
     g = torch.Generator().manual_seed(seed)
-    for layer in [outputs] + outputs['aux_outputs']:
+    for layer in [outputs] + outputs["aux_outputs"]:
         for b, target in enumerate(targets):
-            near = target['boxes'].double() + 0.03 * torch.randn(len(target['boxes']), 4, generator=g,
+            near = target["boxes"].double() + 0.03 * torch.randn(len(target["boxes"]), 4, generator=g,
                                                                   dtype=torch.float64)
-            layer['pred_boxes'][b, 2:2 + len(near)] = near
-            layer['pred_logits'][b, torch.arange(2, 2 + len(near)), target['labels']] += 3
-        for key in ('pred_logits', 'pred_boxes'):
+            layer["pred_boxes"][b, 2:2 + len(near)] = near
+            layer["pred_logits"][b, torch.arange(2, 2 + len(near)), target["labels"]] += 3
+        for key in ("pred_logits", "pred_boxes"):
             layer[key] = layer[key].float().requires_grad_()
     return outputs, targets
 
 
 def layer_items(outputs):
-    return [('', outputs)] + [(f'_{i}', aux) for i, aux in enumerate(outputs['aux_outputs'])]
+    return [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs["aux_outputs"])]
 
 
-@pytest.mark.parametrize('loss,num_gt', [('dap', 0), ('raw+dap', 7)])
+@pytest.mark.parametrize("loss,num_gt", [("dap", 0), ("raw+dap", 7)])
 def test_dap_set_criterion(loss, num_gt):
-    criterion = build_criterion('--loss', loss, '--dap_num_gt', str(num_gt), '--dap_bins', '16',
-                                '--dap_sigma', '0.1', '--dap_loss_coef', '2.5')
-    assert isinstance(criterion, DAPSetCriterion)
+    criterion = build_criterion("--loss", loss, "--dap_num_gt", str(num_gt), "--dap_bins", "16",
+                                "--dap_sigma", "0.1", "--dap_loss_coef", "2.5")
+    assert isinstance(criterion.dap, DAPLoss)
     outputs, targets = three_layers(10)
     losses = criterion(outputs, targets)
 
-    dap_keys = {'loss_dap', 'loss_dap_0', 'loss_dap_1'}
-    raw_keys = {f'{k}{s}' for k in ('loss_ce', 'loss_bbox', 'loss_giou') for s in ('', '_0', '_1')}
-    log_keys = {'dap_value', 'dap_precision', 'cardinality_error', 'cardinality_error_0', 'cardinality_error_1'}
-    if loss == 'dap':
+    dap_keys = {"loss_dap", "loss_dap_0", "loss_dap_1"}
+    raw_keys = {f"{k}{s}" for k in ("loss_ce", "loss_bbox", "loss_giou") for s in ("", "_0", "_1")}
+    log_keys = {"dap_value", "dap_precision", "cardinality_error", "cardinality_error_0", "cardinality_error_1"}
+    if loss == "dap":
         assert set(losses) == dap_keys | log_keys
         assert criterion.weight_dict == {k: 2.5 for k in dap_keys}
     else:
-        assert set(losses) == dap_keys | raw_keys | log_keys | {'class_error'}
-        raw_weights = {'loss_ce': 1, 'loss_bbox': 5, 'loss_giou': 2}
+        assert set(losses) == dap_keys | raw_keys | log_keys | {"class_error"}
+        raw_weights = {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}
         assert criterion.weight_dict == {**{k: 2.5 for k in dap_keys},
-                                         **{k + s: w for k, w in raw_weights.items() for s in ('', '_0', '_1')}}
+                                         **{k + s: w for k, w in raw_weights.items() for s in ("", "_0", "_1")}}
         # The raw terms are those of the plain upstream criterion.
-        raw = build_criterion('--loss', 'raw')(outputs, targets)
-        for key in raw_keys | {'class_error'}:
+        raw = build_criterion("--loss", "raw")(outputs, targets)
+        for key in raw_keys | {"class_error"}:
             torch.testing.assert_close(losses[key], raw[key])
 
-    assert losses['loss_dap'].item() == -losses['dap_value'].item()
+    assert losses["loss_dap"].item() == -losses["dap_value"].item()
     for suffix, layer in layer_items(outputs):
         indices = criterion.matcher(layer, targets)
-        terms = differentiable_ap_terms(*gather_detections(layer, targets, indices, 'softmax', 100), num_bins=16,
+        terms = differentiable_ap_terms(*gather_detections(layer, targets, indices, "softmax", 100), num_bins=16,
                                         sigma=0.1, num_gt=num_gt or None)
-        torch.testing.assert_close(losses['loss_dap' + suffix], -terms.dap)
+        torch.testing.assert_close(losses["loss_dap" + suffix], -terms.dap)
         if not suffix:
-            torch.testing.assert_close(losses['dap_precision'], terms.precision.mean())
+            torch.testing.assert_close(losses["dap_precision"], terms.precision.mean())
     # --dap_num_gt 0 divides by the five positives, not by a fixed G.
     if num_gt == 0:
         fixed = differentiable_ap(*gather_detections(outputs, targets, criterion.matcher(outputs, targets),
-                                                     'softmax'), num_bins=16, sigma=0.1, num_gt=6)
-        assert losses['loss_dap'].item() == pytest.approx(-fixed.item() * 6 / 5, rel=1e-6)
-    assert losses['loss_dap'].item() < 0 and losses['dap_value'].grad_fn is None
+                                                     "softmax"), num_bins=16, sigma=0.1, num_gt=6)
+        assert losses["loss_dap"].item() == pytest.approx(-fixed.item() * 6 / 5, rel=1e-6)
+    assert losses["loss_dap"].item() < 0 and losses["dap_value"].grad_fn is None
 
     # Every layer's loss_dap reaches its own logits and boxes.
     for suffix, layer in layer_items(outputs):
-        grads = torch.autograd.grad(losses['loss_dap' + suffix], [layer['pred_logits'], layer['pred_boxes']],
+        grads = torch.autograd.grad(losses["loss_dap" + suffix], [layer["pred_logits"], layer["pred_boxes"]],
                                     retain_graph=True)
         assert all(g.abs().sum() > 0 for g in grads)

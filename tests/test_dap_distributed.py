@@ -13,13 +13,14 @@ import torch.multiprocessing as mp
 
 import main as detr_main
 from models import build_model
+from models.set_criterion import StepContext
 
 NUM_IMAGES, NUM_QUERIES, NUM_CLASSES = 8, 12, 6
 
 
 def criterion_for(flags):
     parser = argparse.ArgumentParser(parents=[detr_main.get_args_parser()])
-    args = detr_main.parse_args(parser, [
+    args = parser.parse_args([
         "--device", "cpu", "--no_pretrained_backbone", "--backbone", "resnet18", "--hidden_dim", "16",
         "--dim_feedforward", "16", "--nheads", "2", "--enc_layers", "1", "--dec_layers", "2",
         "--num_queries", str(NUM_QUERIES), "--num_classes", str(NUM_CLASSES), *flags])
@@ -50,8 +51,8 @@ def make_batch(seed=0):
 
 def step_losses_and_grads(criterion, layers, targets, images, micro_batches=1):
     """One optimisation step of the criterion on the given images, as the engine runs it: with
-    several micro-batches, a counting pass (micro_batch_records) and then each micro-batch with
-    its index, its weighted total divided by their number. Returns the loss dict averaged over
+    several micro-batches, a counting pass (criterion.count) and then each micro-batch with
+    its StepContext, its weighted total divided by their number. Returns the loss dict averaged over
     the micro-batches (what the engine logs) and the gradients w.r.t. the head outputs, per
     layer and output, over the images in order."""
     chunks = [images[len(images) * i // micro_batches:len(images) * (i + 1) // micro_batches]
@@ -64,13 +65,13 @@ def step_losses_and_grads(criterion, layers, targets, images, micro_batches=1):
         return {"pred_logits": chunk_leaves[-1][0], "pred_boxes": chunk_leaves[-1][1],
                 "aux_outputs": [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in chunk_leaves[:-1]]}
 
-    if micro_batches > 1:
-        criterion.set_step_records([criterion.micro_batch_records(outputs(chunk_leaves), chunk_targets, step_targets)
-                                   for chunk_leaves, chunk_targets in zip(leaves, step_targets)])
+    counted = None
+    if micro_batches > 1 and criterion.needs_counting_pass:
+        counted = [criterion.count(outputs(chunk_leaves), chunk_targets, StepContext(step_targets, i))
+                   for i, (chunk_leaves, chunk_targets) in enumerate(zip(leaves, step_targets))]
     logged = []
     for i, (chunk_leaves, chunk_targets) in enumerate(zip(leaves, step_targets)):
-        accumulation = {"step_targets": step_targets, "micro_batch": i} if micro_batches > 1 else {}
-        loss_dict = criterion(outputs(chunk_leaves), chunk_targets, **accumulation)
+        loss_dict = criterion(outputs(chunk_leaves), chunk_targets, StepContext(step_targets, i, counted))
         total = sum(loss_dict[k] * w for k, w in criterion.weight_dict.items() if k in loss_dict)
         (total / micro_batches).backward()
         logged.append({k: v.detach() for k, v in loss_dict.items()})

@@ -10,11 +10,13 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import main as detr_main
+from models import build_model
+from models.dap_criterion import gather_detections
+from models.dap_functional import ap_matching_cost, constant_precision, differentiable_ap_terms
+from models.dap_matcher import DAPMatcher
+from util.checkpoint import load_checkpoint, restore_matcher
+
 from conftest import TINY_DETR_FLAGS
-from models.dap_criterion import differentiable_ap_terms, gather_detections
-from models.dap_matcher import DAPMatcher, ap_matching_cost, constant_precision
-from models.detr import build
-from util.checkpoint import load_checkpoint
 
 ALPHAS = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
 
@@ -48,7 +50,7 @@ def random_pairs(rng, num_queries, num_targets):
     return scores, ious
 
 
-@pytest.mark.parametrize('seed', range(8))
+@pytest.mark.parametrize("seed", range(8))
 def test_cost_matches_brute_force(seed):
     rng = np.random.default_rng(seed)
     n, sigma = int(rng.choice([1, 4, 32])), float(rng.choice([0.02, 0.05, 0.2]))
@@ -72,7 +74,7 @@ def test_constant_precision_table():
     assert (table == 1 / 16).all()
 
 
-@pytest.mark.parametrize('n', [1, 32])
+@pytest.mark.parametrize("n", [1, 32])
 def test_constant_mode_is_iou_only(n):
     rng = np.random.default_rng(n)
     scores_a, ious = random_pairs(rng, 6, 4)
@@ -134,19 +136,19 @@ def matcher_inputs(seed, target_counts=(4, 0, 3, 1), num_queries=7, num_classes=
         centres = 0.5 + spread * (torch.rand(*shape, 2, generator=g) - 0.5)
         return torch.cat([centres, 0.2 + 0.4 * torch.rand(*shape, 2, generator=g)], -1)
 
-    outputs = {'pred_logits': 2 * torch.randn(len(target_counts), num_queries, num_classes + 1, generator=g),
-               'pred_boxes': boxes(len(target_counts), num_queries)}
-    targets = [{'labels': torch.randint(0, num_classes, (n,), generator=g), 'boxes': boxes(n)} for n in target_counts]
+    outputs = {"pred_logits": 2 * torch.randn(len(target_counts), num_queries, num_classes + 1, generator=g),
+               "pred_boxes": boxes(len(target_counts), num_queries)}
+    targets = [{"labels": torch.randint(0, num_classes, (n,), generator=g), "boxes": boxes(n)} for n in target_counts]
     return outputs, targets
 
 
 def spec_cost_matrices(outputs, targets, prec, sigma):
     costs = []
-    for logits, pred_boxes, target in zip(outputs['pred_logits'].tolist(), outputs['pred_boxes'].tolist(), targets):
-        cost = np.zeros((len(logits), len(target['labels'])))
+    for logits, pred_boxes, target in zip(outputs["pred_logits"].tolist(), outputs["pred_boxes"].tolist(), targets):
+        cost = np.zeros((len(logits), len(target["labels"])))
         for q, (row, box) in enumerate(zip(logits, pred_boxes)):
             exps = [math.exp(v) for v in row]
-            for t, (label, gt_box) in enumerate(zip(target['labels'].tolist(), target['boxes'].tolist())):
+            for t, (label, gt_box) in enumerate(zip(target["labels"].tolist(), target["boxes"].tolist())):
                 cost[q, t] = spec_cost(exps[label] / sum(exps), hand_iou(box, gt_box), prec, sigma)
         costs.append(cost)
     return costs
@@ -156,16 +158,16 @@ def check_is_assignment(indices, targets, num_queries):
     assert len(indices) == len(targets)
     for (src, tgt), target in zip(indices, targets):
         assert src.dtype == tgt.dtype == torch.int64
-        assert len(src) == len(tgt) == min(num_queries, len(target['labels']))
+        assert len(src) == len(tgt) == min(num_queries, len(target["labels"]))
         assert len(set(src.tolist())) == len(src) and sorted(tgt.tolist()) == list(range(len(tgt)))
 
 
-@pytest.mark.parametrize('mode', ['constant', 'momentum'])
-@pytest.mark.parametrize('seed', range(4))
+@pytest.mark.parametrize("mode", ["constant", "momentum"])
+@pytest.mark.parametrize("seed", range(4))
 def test_matcher_minimises_the_spec_cost(mode, seed):
     n, sigma = 8, [0.05, 0.1][seed % 2]
-    matcher = DAPMatcher(activation='softmax', num_bins=n, sigma=sigma, mode=mode)
-    if mode == 'momentum':
+    matcher = DAPMatcher(activation="softmax", num_bins=n, sigma=sigma, mode=mode)
+    if mode == "momentum":
         # A table as the criterion reports it: interpolated, so non-decreasing over the bins.
         rng = np.random.default_rng(seed)
         matcher.precision.copy_(torch.from_numpy(np.maximum.accumulate(rng.random((10, n)), axis=1)))
@@ -178,15 +180,15 @@ def test_matcher_minimises_the_spec_cost(mode, seed):
         assert cost[src.numpy(), tgt.numpy()].sum() == pytest.approx(best, abs=1e-5)
 
 
-@pytest.mark.parametrize('seed', range(3))
+@pytest.mark.parametrize("seed", range(3))
 def test_constant_matcher_assigns_by_iou_only(seed):
     n = 16
-    matcher = DAPMatcher(activation='softmax', num_bins=n, sigma=0.05)
+    matcher = DAPMatcher(activation="softmax", num_bins=n, sigma=0.05)
     outputs, targets = matcher_inputs(seed, target_counts=(5, 2, 3), num_queries=8)
     indices = matcher(outputs, targets)
     check_is_assignment(indices, targets, 8)
-    for (src, tgt), pred_boxes, target in zip(indices, outputs['pred_boxes'], targets):
-        ious = np.array([[hand_iou(p, t) for t in target['boxes'].tolist()] for p in pred_boxes.tolist()])
+    for (src, tgt), pred_boxes, target in zip(indices, outputs["pred_boxes"], targets):
+        ious = np.array([[hand_iou(p, t) for t in target["boxes"].tolist()] for p in pred_boxes.tolist()])
         assert (ious > 0).all()  # no ties at cost 0
         # -L̂(u) with P = 1/N: through (0, 0), (alpha_k, (k + 1) / N), (1, 11 / N)
         expected = linear_sum_assignment(-np.interp(ious, [0.0] + ALPHAS + [1.0], np.arange(12) / n))
@@ -194,10 +196,10 @@ def test_constant_matcher_assigns_by_iou_only(seed):
 
     # Other scores, the same assignment; whereas a score-dependent table does change it.
     g = torch.Generator().manual_seed(99)
-    other = dict(outputs, pred_logits=4 * torch.randn(outputs['pred_logits'].shape, generator=g))
+    other = dict(outputs, pred_logits=4 * torch.randn(outputs["pred_logits"].shape, generator=g))
     for (src, tgt), (src2, tgt2) in zip(indices, matcher(other, targets)):
         assert torch.equal(src, src2) and torch.equal(tgt, tgt2)
-    rising = DAPMatcher(activation='softmax', num_bins=n, sigma=0.05, mode='momentum')
+    rising = DAPMatcher(activation="softmax", num_bins=n, sigma=0.05, mode="momentum")
     rising.precision.copy_(torch.linspace(0.0, 1.0, n).expand(10, n))
     pairs = [[list(zip(src.tolist(), tgt.tolist())) for src, tgt in rising(o, targets)] for o in (outputs, other)]
     assert pairs[0] != pairs[1]
@@ -205,8 +207,8 @@ def test_constant_matcher_assigns_by_iou_only(seed):
 
 def test_momentum_update_arithmetic():
     n, m = 6, 0.8
-    matcher = DAPMatcher(activation='softmax', num_bins=n, mode='momentum', momentum=m)
-    constant = DAPMatcher(activation='softmax', num_bins=n, mode='constant', momentum=m)
+    matcher = DAPMatcher(activation="softmax", num_bins=n, mode="momentum", momentum=m)
+    constant = DAPMatcher(activation="softmax", num_bins=n, mode="constant", momentum=m)
     c = torch.full((10, n), 1 / n, dtype=torch.float64)
     p1, p2 = torch.rand(10, n, dtype=torch.float64), torch.rand(10, n, dtype=torch.float64)
     torch.testing.assert_close(matcher.precision, c.float())
@@ -216,14 +218,14 @@ def test_momentum_update_arithmetic():
     assert matcher.precision.dtype == torch.float32
     torch.testing.assert_close(matcher.precision, (m * (m * c + (1 - m) * p1) + (1 - m) * p2).float())
     assert (constant.precision == 1 / n).all()
-    assert set(matcher.state_dict()) == {'precision'}
+    assert set(matcher.state_dict()) == {"precision"}
 
 
 def build_criterion(*flags):
     parser = argparse.ArgumentParser(parents=[detr_main.get_args_parser()])
-    args = parser.parse_args(TINY_DETR_FLAGS + ['--num_classes', '3', '--dec_layers', '3', '--loss', 'dap',
-                                                '--matcher', 'dap', '--dap_bins', '8', *flags])
-    return build(args)[1]
+    args = parser.parse_args(TINY_DETR_FLAGS + ["--num_classes", "3", "--dec_layers", "3", "--loss", "dap",
+                                                "--matcher", "dap", "--dap_bins", "8", *flags])
+    return build_model(args)[1]
 
 
 def criterion_inputs(seed):
@@ -234,20 +236,20 @@ def criterion_inputs(seed):
     g = torch.Generator().manual_seed(seed)
     for outputs, _ in layers:
         for b, target in enumerate(targets):
-            count = len(target['labels'])
-            outputs['pred_boxes'][b, :count] = target['boxes'] + 0.02 * torch.randn(count, 4, generator=g)
-            outputs['pred_logits'][b, torch.arange(count), target['labels']] += 4
+            count = len(target["labels"])
+            outputs["pred_boxes"][b, :count] = target["boxes"] + 0.02 * torch.randn(count, 4, generator=g)
+            outputs["pred_logits"][b, torch.arange(count), target["labels"]] += 4
     return dict(layers[0][0], aux_outputs=[outputs for outputs, _ in layers[1:]]), targets
 
 
 def test_criterion_feeds_the_final_layer_precision_to_the_matcher_in_training_only():
-    criterion = build_criterion('--dap_cost_mode', 'momentum', '--dap_momentum', '0.5', '--dap_num_gt', '0')
+    criterion = build_criterion("--dap_cost_mode", "momentum", "--dap_momentum", "0.5", "--dap_num_gt", "0")
     matcher = criterion.matcher
-    assert isinstance(matcher, DAPMatcher) and matcher.mode == 'momentum' and matcher.momentum == 0.5
+    assert isinstance(matcher, DAPMatcher) and matcher.mode == "momentum" and matcher.momentum == 0.5
     outputs, targets = criterion_inputs(0)
     before = matcher.precision.clone()
-    final = {k: v for k, v in outputs.items() if k != 'aux_outputs'}
-    terms = differentiable_ap_terms(*gather_detections(final, targets, matcher(final, targets), 'softmax'),
+    final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+    terms = differentiable_ap_terms(*gather_detections(final, targets, matcher(final, targets), "softmax"),
                                     num_bins=8, sigma=0.05)
 
     criterion.train()
@@ -264,7 +266,7 @@ def test_criterion_feeds_the_final_layer_precision_to_the_matcher_in_training_on
 def test_every_layer_of_an_iteration_is_matched_with_the_same_table():
     """The table is an average over earlier iterations (DAP_SPEC 2): the auxiliary layers of an
     iteration must not be matched with a table that already holds this iteration's precision."""
-    criterion = build_criterion('--dap_cost_mode', 'momentum', '--dap_momentum', '0.5')
+    criterion = build_criterion("--dap_cost_mode", "momentum", "--dap_momentum", "0.5")
     matcher, seen = criterion.matcher, []
 
     def recording_forward(outputs, targets, forward=matcher.forward):
@@ -283,29 +285,29 @@ def test_every_layer_of_an_iteration_is_matched_with_the_same_table():
 
 def test_momentum_table_survives_checkpoint_and_resume(synthetic_coco, tmp_path, monkeypatch, capsys):
     path, num_classes = synthetic_coco
-    flags = TINY_DETR_FLAGS + ['--coco_path', path, '--num_classes', str(num_classes), '--batch_size', '2',
-                               '--loss', 'dap', '--matcher', 'dap', '--dap_cost_mode', 'momentum', '--dap_bins', '8',
-                               '--dap_num_gt', '0', '--epochs', '1', '--output_dir', str(tmp_path)]
+    flags = TINY_DETR_FLAGS + ["--coco_path", path, "--num_classes", str(num_classes), "--batch_size", "2",
+                               "--loss", "dap", "--matcher", "dap", "--dap_cost_mode", "momentum", "--dap_bins", "8",
+                               "--dap_num_gt", "0", "--epochs", "1", "--output_dir", str(tmp_path)]
     parser = argparse.ArgumentParser(parents=[detr_main.get_args_parser()])
     detr_main.main(parser.parse_args(flags))
-    ckpt_path = os.path.join(tmp_path, 'checkpoint.pth')
+    ckpt_path = os.path.join(tmp_path, "checkpoint.pth")
     ckpt = load_checkpoint(ckpt_path)
-    saved = ckpt['matcher']['precision']
+    saved = ckpt["matcher"]["precision"]
     assert saved.shape == (10, 8)
     assert not torch.allclose(saved, constant_precision(8))
 
     # main's resume path hands the table to the new run's matcher (--epochs 1: nothing more to train).
     built, build_model = [], detr_main.build_model
-    monkeypatch.setattr(detr_main, 'build_model', lambda args: built.append(build_model(args)) or built[-1])
-    detr_main.main(parser.parse_args(flags + ['--resume', ckpt_path]))
+    monkeypatch.setattr(detr_main, "build_model", lambda *a: built.append(build_model(*a)) or built[-1])
+    detr_main.main(parser.parse_args(flags + ["--resume", ckpt_path]))
     assert torch.equal(built[0][1].matcher.precision, saved)
 
     # restore_matcher itself, on a freshly built criterion, and on a checkpoint without matcher state.
-    fresh = build_criterion('--num_classes', str(num_classes), '--dec_layers', '2', '--dap_cost_mode', 'momentum')
-    detr_main.restore_matcher(fresh.matcher, ckpt, ckpt_path)
+    fresh = build_criterion("--num_classes", str(num_classes), "--dec_layers", "2", "--dap_cost_mode", "momentum")
+    restore_matcher(fresh.matcher, ckpt, ckpt_path)
     assert torch.equal(fresh.matcher.precision, saved)
-    untouched = build_criterion('--dap_cost_mode', 'momentum')
+    untouched = build_criterion("--dap_cost_mode", "momentum")
     capsys.readouterr()
-    detr_main.restore_matcher(untouched.matcher, {'model': {}}, 'old.pth')
+    restore_matcher(untouched.matcher, {"model": {}}, "old.pth")
     assert torch.equal(untouched.matcher.precision, constant_precision(8))
-    assert 'old.pth' in capsys.readouterr().out
+    assert "old.pth" in capsys.readouterr().out

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import main as detr_main
+
 from conftest import TINY_DETR_FLAGS
 
 

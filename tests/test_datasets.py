@@ -30,7 +30,7 @@ def default_data(tmp_path_factory):
 
 def args_for(coco_path, input_scale=1.0):
     return argparse.Namespace(dataset_file="coco", coco_path=None if coco_path is None
-                              else str(coco_path), input_scale=input_scale)
+                              else str(coco_path), input_scale=input_scale, train_augmentation=True)
 
 
 def tree_bytes(root):

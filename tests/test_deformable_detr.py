@@ -1,41 +1,29 @@
 """Deformable DETR: state-dict compatibility with the released checkpoints, forward shapes and
 masks, the transformer's geometry against its formulas, the focal criterion, matcher and
 top-k post-processor against hand references, DAP on the sigmoid head, and main.py end to end."""
-import argparse
 import math
 import os
 
 import pytest
 import torch
-
-import main as detr_main
-from conftest import TINY_DETR_FLAGS
-from models import build_model
-from models.backbone import Backbone
-from models.dap_criterion import differentiable_ap_terms, gather_detections
-from models.deformable_detr import PostProcess, SetCriterion, sigmoid_focal_loss
-from models.deformable_transformer import DeformableTransformer, DeformableTransformerEncoder
-from models.matcher import HungarianMatcher, focal_class_cost
 from test_matcher import brute_force_min, random_boxes, reference_cost
 from test_models import expected_detr_state_dict
+
+import main as detr_main
+from models import build_model
+from models.backbone import Backbone
+from models.dap_criterion import gather_detections
+from models.dap_functional import differentiable_ap_terms
+from models.deformable_detr import SetCriterion
+from models.deformable_transformer import DeformableTransformer, DeformableTransformerEncoder
+from models.matcher import HungarianMatcher, focal_class_cost
+from models.postprocess import TopKPostProcess
+from models.set_criterion import sigmoid_focal_loss
 from util.checkpoint import load_checkpoint
 from util.errors import UserInputError
 from util.misc import NestedTensor, inverse_sigmoid
 
-VARIANTS = {
-    'single_scale': ['--num_feature_levels', '1'],
-    'multi_scale': [],
-    'box_refine': ['--with_box_refine'],
-    'two_stage': ['--with_box_refine', '--two_stage'],
-}
-
-# resnet18, hidden 32, 1 encoder / 2 decoder layers, 10 queries, 5 classes, 2 sampling points.
-TINY_FLAGS = TINY_DETR_FLAGS + ['--model', 'deformable_detr', '--num_classes', '5',
-                                '--enc_n_points', '2', '--dec_n_points', '2']
-
-
-def parse(flags):
-    return detr_main.parse_args(argparse.ArgumentParser(parents=[detr_main.get_args_parser()]), flags)
+from conftest import DEFORMABLE_VARIANTS, TINY_DEFORMABLE_FLAGS, TINY_DETR_FLAGS, parse
 
 
 def build(flags):
@@ -43,7 +31,7 @@ def build(flags):
 
 
 def tiny(variant, *flags, levels=2):
-    return build(TINY_FLAGS + VARIANTS[variant] + ['--num_feature_levels', str(levels), *flags])
+    return build(TINY_DEFORMABLE_FLAGS + DEFORMABLE_VARIANTS[variant] + ["--num_feature_levels", str(levels), *flags])
 
 
 # ----------------------------------------------------------------------------- state dict
@@ -51,76 +39,76 @@ def tiny(variant, *flags, levels=2):
 def expected_deformable_state_dict(levels, refine=False, two_stage=False):
     """Key -> shape of a released Deformable DETR R50 checkpoint (UPSTREAM_FACTS 2.8, section 5)."""
     hidden, ffn, heads, points, layers, queries, classes = 256, 1024, 8, 4, 6, 300, 91
-    sd = {k: v for k, v in expected_detr_state_dict(6).items() if k.startswith('backbone.0.')}
+    sd = {k: v for k, v in expected_detr_state_dict(6).items() if k.startswith("backbone.0.")}
 
     def linear(prefix, out, inp):
-        sd[f'{prefix}.weight'] = [out, inp]
-        sd[f'{prefix}.bias'] = [out]
+        sd[f"{prefix}.weight"] = [out, inp]
+        sd[f"{prefix}.bias"] = [out]
 
     def norms(prefix, n, dim=hidden):
         for k in range(1, n + 1):
-            sd[f'{prefix}.norm{k}.weight'] = [dim]
-            sd[f'{prefix}.norm{k}.bias'] = [dim]
+            sd[f"{prefix}.norm{k}.weight"] = [dim]
+            sd[f"{prefix}.norm{k}.bias"] = [dim]
 
     def deform_attn(prefix):
-        linear(f'{prefix}.sampling_offsets', heads * levels * points * 2, hidden)
-        linear(f'{prefix}.attention_weights', heads * levels * points, hidden)
-        linear(f'{prefix}.value_proj', hidden, hidden)
-        linear(f'{prefix}.output_proj', hidden, hidden)
+        linear(f"{prefix}.sampling_offsets", heads * levels * points * 2, hidden)
+        linear(f"{prefix}.attention_weights", heads * levels * points, hidden)
+        linear(f"{prefix}.value_proj", hidden, hidden)
+        linear(f"{prefix}.output_proj", hidden, hidden)
 
-    sd['transformer.level_embed'] = [levels, hidden]
+    sd["transformer.level_embed"] = [levels, hidden]
     for n in range(layers):
-        p = f'transformer.encoder.layers.{n}'
-        deform_attn(f'{p}.self_attn')
-        linear(f'{p}.linear1', ffn, hidden)
-        linear(f'{p}.linear2', hidden, ffn)
+        p = f"transformer.encoder.layers.{n}"
+        deform_attn(f"{p}.self_attn")
+        linear(f"{p}.linear1", ffn, hidden)
+        linear(f"{p}.linear2", hidden, ffn)
         norms(p, 2)
     for n in range(layers):
-        p = f'transformer.decoder.layers.{n}'
-        deform_attn(f'{p}.cross_attn')
-        sd[f'{p}.self_attn.in_proj_weight'] = [3 * hidden, hidden]
-        sd[f'{p}.self_attn.in_proj_bias'] = [3 * hidden]
-        linear(f'{p}.self_attn.out_proj', hidden, hidden)
-        linear(f'{p}.linear1', ffn, hidden)
-        linear(f'{p}.linear2', hidden, ffn)
+        p = f"transformer.decoder.layers.{n}"
+        deform_attn(f"{p}.cross_attn")
+        sd[f"{p}.self_attn.in_proj_weight"] = [3 * hidden, hidden]
+        sd[f"{p}.self_attn.in_proj_bias"] = [3 * hidden]
+        linear(f"{p}.self_attn.out_proj", hidden, hidden)
+        linear(f"{p}.linear1", ffn, hidden)
+        linear(f"{p}.linear2", hidden, ffn)
         norms(p, 3)
 
     num_pred = layers + (1 if two_stage else 0)
-    heads_at = [''] + (['transformer.decoder.'] if refine else [])
+    heads_at = [""] + (["transformer.decoder."] if refine else [])
     for prefix in heads_at:
         for n in range(num_pred):
-            linear(f'{prefix}bbox_embed.{n}.layers.0', hidden, hidden)
-            linear(f'{prefix}bbox_embed.{n}.layers.1', hidden, hidden)
-            linear(f'{prefix}bbox_embed.{n}.layers.2', 4, hidden)
-    for prefix in [''] + (['transformer.decoder.'] if two_stage else []):
+            linear(f"{prefix}bbox_embed.{n}.layers.0", hidden, hidden)
+            linear(f"{prefix}bbox_embed.{n}.layers.1", hidden, hidden)
+            linear(f"{prefix}bbox_embed.{n}.layers.2", 4, hidden)
+    for prefix in [""] + (["transformer.decoder."] if two_stage else []):
         for n in range(num_pred):
-            linear(f'{prefix}class_embed.{n}', classes, hidden)
+            linear(f"{prefix}class_embed.{n}", classes, hidden)
 
     if two_stage:
-        linear('transformer.enc_output', hidden, hidden)
-        sd['transformer.enc_output_norm.weight'] = sd['transformer.enc_output_norm.bias'] = [hidden]
-        linear('transformer.pos_trans', 2 * hidden, 2 * hidden)
-        sd['transformer.pos_trans_norm.weight'] = sd['transformer.pos_trans_norm.bias'] = [2 * hidden]
+        linear("transformer.enc_output", hidden, hidden)
+        sd["transformer.enc_output_norm.weight"] = sd["transformer.enc_output_norm.bias"] = [hidden]
+        linear("transformer.pos_trans", 2 * hidden, 2 * hidden)
+        sd["transformer.pos_trans_norm.weight"] = sd["transformer.pos_trans_norm.bias"] = [2 * hidden]
     else:
-        linear('transformer.reference_points', 2, hidden)
-        sd['query_embed.weight'] = [queries, 2 * hidden]
+        linear("transformer.reference_points", 2, hidden)
+        sd["query_embed.weight"] = [queries, 2 * hidden]
 
     convs = [(2048, 1)] if levels == 1 else [(512, 1), (1024, 1), (2048, 1)] + [(2048, 3)] + [(256, 3)] * (levels - 4)
     for n, (in_ch, k) in enumerate(convs):
-        sd[f'input_proj.{n}.0.weight'] = [hidden, in_ch, k, k]
-        sd[f'input_proj.{n}.0.bias'] = [hidden]
-        sd[f'input_proj.{n}.1.weight'] = sd[f'input_proj.{n}.1.bias'] = [hidden]
+        sd[f"input_proj.{n}.0.weight"] = [hidden, in_ch, k, k]
+        sd[f"input_proj.{n}.0.bias"] = [hidden]
+        sd[f"input_proj.{n}.1.weight"] = sd[f"input_proj.{n}.1.bias"] = [hidden]
     return sd
 
 
-@pytest.mark.parametrize('variant,levels,millions', [
-    ('single_scale', 1, 34), ('multi_scale', 4, 40), ('box_refine', 4, 41), ('two_stage', 4, 41)])
+@pytest.mark.parametrize("variant,levels,millions", [
+    ("single_scale", 1, 34), ("multi_scale", 4, 40), ("box_refine", 4, 41), ("two_stage", 4, 41)])
 def test_state_dict_matches_released_checkpoints(variant, levels, millions):
-    model, criterion, _ = build(['--model', 'deformable_detr', '--device', 'cpu', '--no_pretrained_backbone']
-                                + VARIANTS[variant])
+    model, criterion, _ = build(["--model", "deformable_detr", "--device", "cpu", "--no_pretrained_backbone"]
+                                + DEFORMABLE_VARIANTS[variant])
     actual = {k: list(v.shape) for k, v in model.state_dict().items()}
-    expected = expected_deformable_state_dict(levels, refine=variant in ('box_refine', 'two_stage'),
-                                              two_stage=variant == 'two_stage')
+    expected = expected_deformable_state_dict(levels, refine=variant in ("box_refine", "two_stage"),
+                                              two_stage=variant == "two_stage")
     assert sorted(set(actual) - set(expected)) == []
     assert sorted(set(expected) - set(actual)) == []
     assert {k: v for k, v in actual.items() if v != expected[k]} == {}
@@ -131,17 +119,17 @@ def test_state_dict_matches_released_checkpoints(variant, levels, millions):
 
 def test_state_dict_with_dc5_and_five_levels():
     """DC5 keeps the keys; a fifth level adds a 3x3 conv from the previous projected level."""
-    common = ['--model', 'deformable_detr', '--device', 'cpu', '--no_pretrained_backbone']
-    model, _, _ = build(common + ['--num_feature_levels', '1', '--dilation'])
+    common = ["--model", "deformable_detr", "--device", "cpu", "--no_pretrained_backbone"]
+    model, _, _ = build(common + ["--num_feature_levels", "1", "--dilation"])
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == expected_deformable_state_dict(1)
     assert model.backbone.strides == [16]
-    model, _, _ = build(common + ['--num_feature_levels', '5'])
+    model, _, _ = build(common + ["--num_feature_levels", "5"])
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == expected_deformable_state_dict(5)
 
 
 # ----------------------------------------------------------------------------- backbone
 
-@pytest.mark.parametrize('name,channels', [('resnet18', [128, 256, 512]), ('resnet50', [512, 1024, 2048])])
+@pytest.mark.parametrize("name,channels", [("resnet18", [128, 256, 512]), ("resnet50", [512, 1024, 2048])])
 def test_backbone_returns_layer2_to_4_when_asked(name, channels):
     x = NestedTensor(torch.zeros(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
     single = Backbone(name, train_backbone=False).eval()
@@ -151,27 +139,27 @@ def test_backbone_returns_layer2_to_4_when_asked(name, channels):
     assert list(multi.state_dict()) == list(single.state_dict())
     with torch.no_grad():
         out = multi(x)
-        assert sorted(out) == ['0', '1', '2']
-        assert [tuple(out[k].tensors.shape) for k in '012'] == [(1, c, 64 // s, 96 // s)
+        assert sorted(out) == ["0", "1", "2"]
+        assert [tuple(out[k].tensors.shape) for k in "012"] == [(1, c, 64 // s, 96 // s)
                                                               for c, s in zip(channels, [8, 16, 32])]
-        assert torch.equal(out['2'].tensors, single(x)['0'].tensors)
+        assert torch.equal(out["2"].tensors, single(x)["0"].tensors)
 
 
 def test_deformable_uses_pixel_centre_sine_offset():
-    detr_model, _, _ = build(TINY_DETR_FLAGS + ['--num_classes', '5'])
-    deformable_model, _, _ = tiny('multi_scale')
+    detr_model, _, _ = build(TINY_DETR_FLAGS + ["--num_classes", "5"])
+    deformable_model, _, _ = tiny("multi_scale")
     assert detr_model.backbone[1].offset == 0.0 and deformable_model.backbone[1].offset == -0.5
 
 
 # ----------------------------------------------------------------------------- model
 
-@pytest.mark.parametrize('variant,levels', [('single_scale', 1), ('multi_scale', 5), ('box_refine', 2),
-                                            ('two_stage', 4)])
+@pytest.mark.parametrize("variant,levels", [("single_scale", 1), ("multi_scale", 5), ("box_refine", 2),
+                                            ("two_stage", 4)])
 def test_forward_shapes_heads_and_padding(variant, levels):
     torch.manual_seed(0)
     model, _, _ = tiny(variant, levels=levels)
     model.eval()
-    refine, two_stage = variant in ('box_refine', 'two_stage'), variant == 'two_stage'
+    refine, two_stage = variant in ("box_refine", "two_stage"), variant == "two_stage"
 
     # Heads: one per decoder layer (+1 two-stage), shared unless refining; the decoder sees them.
     assert len(model.class_embed) == len(model.bbox_embed) == 2 + two_stage
@@ -195,22 +183,22 @@ def test_forward_shapes_heads_and_padding(variant, levels):
     model.transformer.register_forward_hook(lambda module, args, output: captured.update(out=output))
     with torch.no_grad():
         out = model([big, small])
-        transformer_out = captured['out']
+        transformer_out = captured["out"]
         alone = model([big])
-    assert out['pred_logits'].shape == (2, 10, 5) and out['pred_boxes'].shape == (2, 10, 4)
-    assert ((out['pred_boxes'] > 0) & (out['pred_boxes'] < 1)).all()
-    assert [tuple(a['pred_logits'].shape) for a in out['aux_outputs']] == [(2, 10, 5)]
-    assert [tuple(a['pred_boxes'].shape) for a in out['aux_outputs']] == [(2, 10, 4)]
+    assert out["pred_logits"].shape == (2, 10, 5) and out["pred_boxes"].shape == (2, 10, 4)
+    assert ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
+    assert [tuple(a["pred_logits"].shape) for a in out["aux_outputs"]] == [(2, 10, 5)]
+    assert [tuple(a["pred_boxes"].shape) for a in out["aux_outputs"]] == [(2, 10, 4)]
     if two_stage:  # one proposal per token: 160 px at strides 8, 16, 32, then 3x3 from the extra conv
-        assert out['enc_outputs']['pred_logits'].shape == (2, 20 ** 2 + 10 ** 2 + 5 ** 2 + 3 ** 2, 5)
-        assert out['enc_outputs']['pred_boxes'].shape == (2, 534, 4)
+        assert out["enc_outputs"]["pred_logits"].shape == (2, 20 ** 2 + 10 ** 2 + 5 ** 2 + 3 ** 2, 5)
+        assert out["enc_outputs"]["pred_boxes"].shape == (2, 534, 4)
     else:
-        assert 'enc_outputs' not in out
+        assert "enc_outputs" not in out
 
     # Boxes are offsets from the references in logit space; refined references are the boxes.
     hs, init_reference, inter_references = transformer_out[:3]
     assert init_reference.shape == (2, 10, 4 if two_stage else 2)
-    boxes = [a['pred_boxes'] for a in out['aux_outputs']] + [out['pred_boxes']]
+    boxes = [a["pred_boxes"] for a in out["aux_outputs"]] + [out["pred_boxes"]]
     for lvl, layer_boxes in enumerate(boxes):
         reference = inverse_sigmoid(init_reference if lvl == 0 else inter_references[lvl - 1])
         with torch.no_grad():
@@ -223,16 +211,16 @@ def test_forward_shapes_heads_and_padding(variant, levels):
             assert torch.equal(inter_references[lvl], init_reference)
 
     # The unpadded image gives the same detections alone and next to a smaller, padded one.
-    torch.testing.assert_close(out['pred_logits'][0], alone['pred_logits'][0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out['pred_boxes'][0], alone['pred_boxes'][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["pred_logits"][0], alone["pred_logits"][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out["pred_boxes"][0], alone["pred_boxes"][0], atol=1e-5, rtol=1e-4)
 
 
 def test_training_step_reaches_every_trainable_parameter():
     torch.manual_seed(0)
-    model, criterion, _ = tiny('two_stage', levels=4)
+    model, criterion, _ = tiny("two_stage", levels=4)
     images = [torch.randn(3, 96, 96), torch.randn(3, 64, 96)]
-    targets = [{'labels': torch.tensor([1, 3]), 'boxes': torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.2, 0.3, 0.2, 0.2]])},
-               {'labels': torch.tensor([4]), 'boxes': torch.tensor([[0.6, 0.4, 0.3, 0.5]])}]
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.2, 0.3, 0.2, 0.2]])},
+               {"labels": torch.tensor([4]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.5]])}]
     losses = criterion(model(images), targets)
     sum(losses[k] * w for k, w in criterion.weight_dict.items()).backward()
     no_grad = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())}
@@ -241,8 +229,8 @@ def test_training_step_reaches_every_trainable_parameter():
     # (last layer 0) and the level embedding (only in the queries of MSDeformAttn, whose
     # sampling_offsets and attention_weights have weight 0).
     behind_zero = {n for n, _ in model.named_parameters()
-                   if 'bbox_embed' in n and ('.layers.0.' in n or '.layers.1.' in n)}
-    assert behind_zero and no_grad == behind_zero | {'transformer.level_embed'}
+                   if "bbox_embed" in n and (".layers.0." in n or ".layers.1." in n)}
+    assert behind_zero and no_grad == behind_zero | {"transformer.level_embed"}
 
 
 def test_drop_class_head_covers_both_two_stage_registrations():
@@ -258,13 +246,13 @@ def test_drop_class_head_covers_both_two_stage_registrations():
 
 
 def test_bad_deformable_flags_are_user_errors():
-    with pytest.raises(UserInputError, match='--with_box_refine'):
-        build(TINY_FLAGS + ['--two_stage'])
-    with pytest.raises(UserInputError, match='--pre_norm'):
-        build(TINY_FLAGS + ['--pre_norm'])
-    args = parse(TINY_FLAGS)
-    args.model = 'yolo'
-    with pytest.raises(UserInputError, match='deformable_detr'):
+    with pytest.raises(UserInputError, match="--with_box_refine"):
+        build(TINY_DEFORMABLE_FLAGS + ["--two_stage"])
+    with pytest.raises(UserInputError, match="--pre_norm"):
+        build(TINY_DEFORMABLE_FLAGS + ["--pre_norm"])
+    args = parse(TINY_DEFORMABLE_FLAGS)
+    args.model = "yolo"
+    with pytest.raises(UserInputError, match="deformable_detr"):
         build_model(args)
 
 
@@ -279,7 +267,7 @@ def test_valid_ratios_and_encoder_reference_points():
     assert torch.allclose(ratios, torch.tensor([[[1, 1], [1, 1]], [[4 / 6, 3 / 4], [2 / 3, 1.0]]]))
 
     shapes = torch.tensor([[4, 6], [2, 3]])
-    ref = DeformableTransformerEncoder.get_reference_points(shapes, ratios, 'cpu')
+    ref = DeformableTransformerEncoder.get_reference_points(shapes, ratios, "cpu")
     assert ref.shape == (2, 24 + 6, 2, 2)
     for b in range(2):
         token = 0
@@ -349,22 +337,22 @@ class FixedMatcher:
         self.seen_labels = []
 
     def __call__(self, outputs, targets):
-        self.seen_labels.append([t['labels'].tolist() for t in targets])
+        self.seen_labels.append([t["labels"].tolist() for t in targets])
         return self.indices
 
 
 def test_focal_loss_and_enc_outputs_against_hand_reference():
     g = torch.Generator().manual_seed(0)
-    targets = [{'labels': torch.tensor([3, 1]), 'boxes': torch.tensor([[.5, .5, .2, .4], [.3, .6, .2, .2]])},
-               {'labels': torch.tensor([2]), 'boxes': torch.tensor([[.4, .4, .3, .1]])}]
+    targets = [{"labels": torch.tensor([3, 1]), "boxes": torch.tensor([[.5, .5, .2, .4], [.3, .6, .2, .2]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[.4, .4, .3, .1]])}]
     indices = [([2, 0], [0, 1]), ([1], [0])]
 
     def layer():
-        return {'pred_logits': torch.randn(2, 4, 5, generator=g) * 2,
-                'pred_boxes': torch.rand(2, 4, 4, generator=g) * 0.3 + 0.2}
-    outputs = {**layer(), 'enc_outputs': layer()}
+        return {"pred_logits": torch.randn(2, 4, 5, generator=g) * 2,
+                "pred_boxes": torch.rand(2, 4, 4, generator=g) * 0.3 + 0.2}
+    outputs = {**layer(), "enc_outputs": layer()}
     matcher = FixedMatcher(indices)
-    criterion = SetCriterion(5, matcher, {}, losses=['labels', 'boxes'], focal_alpha=0.3)
+    criterion = SetCriterion(5, matcher, {}, losses=["labels", "boxes"], focal_alpha=0.3)
     losses = criterion(outputs, targets)
 
     def onehot(labels):
@@ -373,22 +361,22 @@ def test_focal_loss_and_enc_outputs_against_hand_reference():
             for q, j in zip(src, tgt):
                 t[b, q, labels[b][j]] = 1
         return t
-    labels = [t['labels'].tolist() for t in targets]
-    assert losses['loss_ce'].item() == pytest.approx(focal_reference(outputs['pred_logits'], onehot(labels), 0.3) / 3,
+    labels = [t["labels"].tolist() for t in targets]
+    assert losses["loss_ce"].item() == pytest.approx(focal_reference(outputs["pred_logits"], onehot(labels), 0.3) / 3,
                                                      rel=1e-5)
     # Encoder proposals: the same queries, but every target is class 0.
     assert matcher.seen_labels == [labels, [[0, 0], [0]]]
-    enc = outputs['enc_outputs']['pred_logits']
-    assert losses['loss_ce_enc'].item() == pytest.approx(focal_reference(enc, onehot([[0, 0], [0]]), 0.3) / 3,
+    enc = outputs["enc_outputs"]["pred_logits"]
+    assert losses["loss_ce_enc"].item() == pytest.approx(focal_reference(enc, onehot([[0, 0], [0]]), 0.3) / 3,
                                                          rel=1e-5)
-    assert set(losses) == {'loss_ce', 'class_error', 'loss_bbox', 'loss_giou',
-                           'loss_ce_enc', 'loss_bbox_enc', 'loss_giou_enc'}
+    assert set(losses) == {"loss_ce", "class_error", "loss_bbox", "loss_giou",
+                           "loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"}
     # class_error: argmax over the sigmoid logits of the matched queries.
-    hits = [outputs['pred_logits'][b, q].argmax().item() == labels[b][j]
+    hits = [outputs["pred_logits"][b, q].argmax().item() == labels[b][j]
             for b, (src, tgt) in enumerate(indices) for q, j in zip(src, tgt)]
-    assert losses['class_error'].item() == pytest.approx(100 - 100 * sum(hits) / 3)
+    assert losses["class_error"].item() == pytest.approx(100 - 100 * sum(hits) / 3)
     # alpha < 0 switches the class weighting off.
-    x, t = outputs['pred_logits'], onehot(labels)
+    x, t = outputs["pred_logits"], onehot(labels)
     unweighted = sigmoid_focal_loss(x, t, 1.0, alpha=-1) * 4
     assert unweighted.item() == pytest.approx(
         focal_reference(x, t, alpha=0.5) * 2, rel=1e-5)
@@ -405,42 +393,42 @@ def test_focal_class_cost_against_formula():
             assert cost[q, t].item() == pytest.approx(pos - neg, rel=1e-5, abs=1e-7)
 
 
-@pytest.mark.parametrize('seed', range(4))
+@pytest.mark.parametrize("seed", range(4))
 def test_focal_matcher_is_optimal(seed):
     g = torch.Generator().manual_seed(seed)
     num_queries, sizes = 5, [3, 0, 5]
-    outputs = {'pred_logits': torch.randn(3, num_queries, 4, generator=g) * 2,
-               'pred_boxes': torch.stack([random_boxes(num_queries, g) for _ in sizes])}
-    targets = [{'labels': torch.randint(0, 4, (n,), generator=g), 'boxes': random_boxes(n, g)} for n in sizes]
+    outputs = {"pred_logits": torch.randn(3, num_queries, 4, generator=g) * 2,
+               "pred_boxes": torch.stack([random_boxes(num_queries, g) for _ in sizes])}
+    targets = [{"labels": torch.randint(0, 4, (n,), generator=g), "boxes": random_boxes(n, g)} for n in sizes]
     indices = HungarianMatcher(2, 5, 2, focal=True)(outputs, targets)
     for b, ((src, tgt), target) in enumerate(zip(indices, targets)):
-        n = len(target['labels'])
+        n = len(target["labels"])
         assert len(src) == len(tgt) == min(num_queries, n)
         if n == 0:
             continue
-        box_cost = reference_cost(outputs['pred_logits'][b], outputs['pred_boxes'][b], target['labels'],
-                                  target['boxes'], 0, 5, 2)
-        class_cost = focal_class_cost(outputs['pred_logits'][b], target['labels']).tolist()
+        box_cost = reference_cost(outputs["pred_logits"][b], outputs["pred_boxes"][b], target["labels"],
+                                  target["boxes"], 0, 5, 2)
+        class_cost = focal_class_cost(outputs["pred_logits"][b], target["labels"]).tolist()
         cost = [[box_cost[q][t] + 2 * class_cost[q][t] for t in range(n)] for q in range(num_queries)]
         chosen = sum(cost[q][t] for q, t in zip(src.tolist(), tgt.tolist()))
         assert chosen == pytest.approx(brute_force_min(cost, num_queries, n), abs=1e-5)
 
 
-@pytest.mark.parametrize('num_select', [10, 100])
+@pytest.mark.parametrize("num_select", [10, 100])
 def test_postprocess_top_k_against_brute_force(num_select):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 7, 5, generator=g)
     boxes = torch.rand(2, 7, 4, generator=g) * 0.4 + 0.1
     sizes = torch.tensor([[100, 200], [50, 80]])
-    results = PostProcess(num_select)({'pred_logits': logits, 'pred_boxes': boxes}, sizes)
+    results = TopKPostProcess(num_select)({"pred_logits": logits, "pred_boxes": boxes}, sizes)
     for b, r in enumerate(results):
         pairs = sorted(((logits[b, q, c].sigmoid().item(), q, c) for q in range(7) for c in range(5)), reverse=True)
         pairs = pairs[:num_select]
-        assert len(r['scores']) == len(pairs) == min(num_select, 35)
-        assert r['scores'].tolist() == pytest.approx([s for s, _, _ in pairs])
-        assert r['labels'].tolist() == [c for _, _, c in pairs]
+        assert len(r["scores"]) == len(pairs) == min(num_select, 35)
+        assert r["scores"].tolist() == pytest.approx([s for s, _, _ in pairs])
+        assert r["labels"].tolist() == [c for _, _, c in pairs]
         h, w = sizes[b].tolist()
-        for box, (_, q, _) in zip(r['boxes'], pairs):
+        for box, (_, q, _) in zip(r["boxes"], pairs):
             cx, cy, bw, bh = boxes[b, q].tolist()
             assert box.tolist() == pytest.approx([(cx - bw / 2) * w, (cy - bh / 2) * h,
                                                   (cx + bw / 2) * w, (cy + bh / 2) * h], rel=1e-5)
@@ -450,12 +438,12 @@ def test_postprocess_top_k_against_brute_force(num_select):
 
 def test_dap_on_every_layer_and_the_encoder_proposals():
     torch.manual_seed(0)
-    model, criterion, _ = tiny('two_stage', '--loss', 'dap', '--matcher', 'dap', '--dap_neg_topk', '7',
-                               '--dap_loss_coef', '3')
+    model, criterion, _ = tiny("two_stage", "--loss", "dap", "--matcher", "dap", "--dap_neg_topk", "7",
+                               "--dap_loss_coef", "3")
     model.eval()  # no dropout: the targets below are copies of the predictions
-    assert criterion.dap_activation == 'sigmoid' and criterion.dap_neg_topk == 7
-    assert criterion.matcher.activation == 'sigmoid'
-    assert criterion.weight_dict == {'loss_dap': 3, 'loss_dap_0': 3, 'loss_dap_enc': 3}
+    assert criterion.dap.activation == "sigmoid" and criterion.dap.neg_topk == 7
+    assert criterion.matcher.activation == "sigmoid"
+    assert criterion.weight_dict == {"loss_dap": 3, "loss_dap_0": 3, "loss_dap_enc": 3}
     images = [torch.randn(3, 96, 96), torch.randn(3, 64, 96)]
     # L̂'s slope in the IoU is the precision at the next IoU threshold, 0 until some positive
     # reaches it (and these scores all sit at the 0.01 prior, so they get no gradient). Each
@@ -463,21 +451,21 @@ def test_dap_on_every_layer_and_the_encoder_proposals():
     # layer, auxiliary layer, encoder proposal.
     with torch.no_grad():
         boxes = model(images)
-    near = torch.stack([boxes['pred_boxes'][0, 0], boxes['aux_outputs'][0]['pred_boxes'][0, 1],
-                        boxes['enc_outputs']['pred_boxes'][0, 0], boxes['pred_boxes'][1, 0]])
+    near = torch.stack([boxes["pred_boxes"][0, 0], boxes["aux_outputs"][0]["pred_boxes"][0, 1],
+                        boxes["enc_outputs"]["pred_boxes"][0, 0], boxes["pred_boxes"][1, 0]])
     near[:, 0] += 0.015 * near[:, 2]
-    targets = [{'labels': torch.tensor([1, 3, 2]), 'boxes': near[:3]}, {'labels': torch.tensor([4]), 'boxes': near[3:]}]
+    targets = [{"labels": torch.tensor([1, 3, 2]), "boxes": near[:3]}, {"labels": torch.tensor([4]), "boxes": near[3:]}]
     outputs = model(images)
     losses = criterion(outputs, targets)
-    assert set(losses) == {'loss_dap', 'loss_dap_0', 'loss_dap_enc', 'dap_value', 'dap_precision',
-                           'cardinality_error', 'cardinality_error_0', 'cardinality_error_enc'}
+    assert set(losses) == {"loss_dap", "loss_dap_0", "loss_dap_enc", "dap_value", "dap_precision",
+                           "cardinality_error", "cardinality_error_0", "cardinality_error_enc"}
 
-    binary = [{**t, 'labels': torch.zeros_like(t['labels'])} for t in targets]
-    layers = [('loss_dap', outputs, targets), ('loss_dap_0', outputs['aux_outputs'][0], targets),
-              ('loss_dap_enc', outputs['enc_outputs'], binary)]
+    binary = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+    layers = [("loss_dap", outputs, targets), ("loss_dap_0", outputs["aux_outputs"][0], targets),
+              ("loss_dap_enc", outputs["enc_outputs"], binary)]
     for key, layer, layer_targets in layers:
         indices = criterion.matcher(layer, layer_targets)
-        terms = differentiable_ap_terms(*gather_detections(layer, layer_targets, indices, 'sigmoid', 7), num_gt=256)
+        terms = differentiable_ap_terms(*gather_detections(layer, layer_targets, indices, "sigmoid", 7), num_gt=256)
         torch.testing.assert_close(losses[key], -terms.dap)
         assert losses[key] < 0
 
@@ -489,55 +477,55 @@ def test_dap_on_every_layer_and_the_encoder_proposals():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
     # raw+dap: the upstream terms, _enc included, next to the DAP ones.
-    _, both, _ = tiny('two_stage', '--loss', 'raw+dap')
-    raw = {f'{k}{s}': w for k, w in (('loss_ce', 2), ('loss_bbox', 5), ('loss_giou', 2)) for s in ('', '_0', '_enc')}
-    assert both.weight_dict == {**raw, 'loss_dap': 1, 'loss_dap_0': 1, 'loss_dap_enc': 1}
+    _, both, _ = tiny("two_stage", "--loss", "raw+dap")
+    raw = {f"{k}{s}": w for k, w in (("loss_ce", 2), ("loss_bbox", 5), ("loss_giou", 2)) for s in ("", "_0", "_enc")}
+    assert both.weight_dict == {**raw, "loss_dap": 1, "loss_dap_0": 1, "loss_dap_enc": 1}
 
 
 # ----------------------------------------------------------------------------- main.py end to end
 
-@pytest.mark.parametrize('variant,flags', [
-    ('box_refine', []),
-    ('two_stage', ['--loss', 'dap', '--matcher', 'dap', '--dap_cost_mode', 'momentum']),
+@pytest.mark.parametrize("variant,flags", [
+    ("box_refine", []),
+    ("two_stage", ["--loss", "dap", "--matcher", "dap", "--dap_cost_mode", "momentum"]),
 ])
 def test_train_checkpoint_resume_eval(variant, flags, synthetic_coco, tmp_path):
     path, num_classes = synthetic_coco
-    common = (TINY_FLAGS + VARIANTS[variant] + flags
-              + ['--num_feature_levels', '2', '--coco_path', path, '--num_classes', str(num_classes)])
+    common = (TINY_DEFORMABLE_FLAGS + DEFORMABLE_VARIANTS[variant] + flags
+              + ["--num_feature_levels", "2", "--coco_path", path, "--num_classes", str(num_classes)])
 
     def run(*extra):
         args = parse(common + list(extra))
         os.makedirs(args.output_dir, exist_ok=True)
         return detr_main.main(args)
 
-    straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
-    last = run('--output_dir', str(straight), '--epochs', '2')
-    assert len(last['test_coco_eval_bbox']) == 12 and last['epoch'] == 1
-    logged = {'train_loss_dap', 'train_loss_dap_0', 'train_loss_dap_enc'} if flags else \
-        {'train_loss_ce', 'train_loss_ce_0', 'train_loss_bbox', 'train_class_error'}
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    last = run("--output_dir", str(straight), "--epochs", "2")
+    assert len(last["test_coco_eval_bbox"]) == 12 and last["epoch"] == 1
+    logged = {"train_loss_dap", "train_loss_dap_0", "train_loss_dap_enc"} if flags else \
+        {"train_loss_ce", "train_loss_ce_0", "train_loss_bbox", "train_class_error"}
     assert logged <= set(last)
-    ckpt = load_checkpoint(str(straight / 'checkpoint.pth'))
+    ckpt = load_checkpoint(str(straight / "checkpoint.pth"))
     # Three optimizer groups: the rest, the backbone, the sampling offsets and reference points at lr / 10.
-    assert [group['lr'] for group in ckpt['optimizer']['param_groups']] == pytest.approx([2e-4, 2e-5, 2e-5])
+    assert [group["lr"] for group in ckpt["optimizer"]["param_groups"]] == pytest.approx([2e-4, 2e-5, 2e-5])
 
-    run('--output_dir', str(interrupted), '--epochs', '1')
-    run('--output_dir', str(interrupted), '--epochs', '2', '--resume', str(interrupted / 'checkpoint.pth'))
-    resumed = load_checkpoint(str(interrupted / 'checkpoint.pth'))
-    for name, value in ckpt['model'].items():
-        assert torch.equal(value, resumed['model'][name]), name
-    for name, value in ckpt['matcher'].items():
-        assert torch.equal(value, resumed['matcher'][name]), name
+    run("--output_dir", str(interrupted), "--epochs", "1")
+    run("--output_dir", str(interrupted), "--epochs", "2", "--resume", str(interrupted / "checkpoint.pth"))
+    resumed = load_checkpoint(str(interrupted / "checkpoint.pth"))
+    for name, value in ckpt["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    for name, value in ckpt["matcher"].items():
+        assert torch.equal(value, resumed["matcher"][name]), name
 
-    stats = run('--output_dir', str(tmp_path / 'eval'), '--eval', '--resume', str(straight / 'checkpoint.pth'))
-    assert stats['coco_eval_bbox'] == pytest.approx(last['test_coco_eval_bbox'], abs=1e-9)
+    stats = run("--output_dir", str(tmp_path / "eval"), "--eval", "--resume", str(straight / "checkpoint.pth"))
+    assert stats["coco_eval_bbox"] == pytest.approx(last["test_coco_eval_bbox"], abs=1e-9)
 
 
 def test_amp_trains_two_stage_with_dap(synthetic_coco):
     # bfloat16 autocast on the CPU: the PyTorch deformable-attention path, the two-stage
     # proposals and the encoder's DAP term all run under it.
     path, num_classes = synthetic_coco
-    stats = detr_main.main(parse(TINY_FLAGS + VARIANTS['two_stage'] + [
-        '--loss', 'raw+dap', '--amp', '--epochs', '1', '--num_feature_levels', '2',
-        '--coco_path', path, '--num_classes', str(num_classes)]))
-    assert math.isfinite(stats['train_loss']) and 'train_loss_dap_enc' in stats
-    assert len(stats['test_coco_eval_bbox']) == 12
+    stats = detr_main.main(parse(TINY_DEFORMABLE_FLAGS + DEFORMABLE_VARIANTS["two_stage"] + [
+        "--loss", "raw+dap", "--amp", "--epochs", "1", "--num_feature_levels", "2",
+        "--coco_path", path, "--num_classes", str(num_classes)]))
+    assert math.isfinite(stats["train_loss"]) and "train_loss_dap_enc" in stats
+    assert len(stats["test_coco_eval_bbox"]) == 12

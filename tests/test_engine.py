@@ -9,13 +9,11 @@ from torch import nn
 
 import util.misc as utils
 from datasets.synthetic import make_synthetic_coco
-from engine import MixedPrecision, _train_step
-from models.dap_criterion import DAPCriterionMixin
-from test_deformable_detr import TINY_FLAGS as TINY_DEFORMABLE_FLAGS
-from test_deformable_detr import VARIANTS as DEFORMABLE_VARIANTS
-from test_main import data_flags, run
-from test_rtdetr import TINY_RTDETR_FLAGS
+from engine import MixedPrecision, train_step
+from models.set_criterion import BaseSetCriterion
 from util.checkpoint import load_checkpoint
+
+from conftest import DEFORMABLE_VARIANTS, TINY_DEFORMABLE_FLAGS, TINY_RTDETR_FLAGS, data_flags, run
 
 
 def test_disabled_mixed_precision_changes_nothing():
@@ -59,12 +57,13 @@ class Scale(nn.Module):
 
 class SquaredError(nn.Module):
     weight_dict = {"loss_sq": 1.0}
+    needs_counting_pass = False
 
     def __init__(self, factor=1.0):
         super().__init__()
         self.factor = factor
 
-    def forward(self, outputs, targets, step_targets=None):
+    def forward(self, outputs, targets, step=None):
         return {"loss_sq": self.factor * ((outputs["pred"] - 1) ** 2).sum()}
 
 
@@ -74,7 +73,7 @@ def one_step(amp, factor=1.0, max_norm=0.0):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     step = [(torch.tensor([1.0, 2.0, -1.0]), [{"image_id": torch.tensor([0])}]),
             (torch.tensor([0.5, 1.0, 2.0]), [{"image_id": torch.tensor([1])}])]  # two micro-batches
-    _train_step(model, SquaredError(factor), step, optimizer, "cpu", max_norm, utils.MetricLogger(), amp)
+    train_step(model, SquaredError(factor), step, optimizer, "cpu", max_norm, utils.MetricLogger(), amp)
     return model.w.detach()
 
 
@@ -153,17 +152,19 @@ def accumulated_flags(model, data):
 @pytest.mark.parametrize("model", ["detr", "deformable_detr", "rtdetr"])
 def test_counting_pass_draws_what_the_gradient_pass_draws(model, synthetic_coco, monkeypatch):
     checked = []
-    original = DAPCriterionMixin.forward
+    original = BaseSetCriterion.compute
 
-    def forward(self, outputs, targets, micro_batch=None, **kwargs):
-        losses = original(self, outputs, targets, micro_batch=micro_batch, **kwargs)
-        if micro_batch is not None:  # the counts of this pass against those of the counting pass
-            for now, counted in zip(self._layer_records, self._step_records[micro_batch], strict=True):
-                assert all(torch.equal(a, b) for a, b in zip(now.counts, counted.counts))
-            checked.append(micro_batch)
-        return losses
+    def compute(self, outputs, targets, step, raw_losses=True):
+        losses, dap_results = original(self, outputs, targets, step, raw_losses)
+        if raw_losses and step.counted is not None:  # this pass's counts against the counting pass's
+            counted = step.counted[step.micro_batch]
+            assert dap_results.keys() == counted.keys()
+            for name, result in dap_results.items():
+                assert all(torch.equal(a, b) for a, b in zip(result.record.counts, counted[name].counts, strict=True))
+            checked.append(step.micro_batch)
+        return losses, dap_results
 
-    monkeypatch.setattr(DAPCriterionMixin, "forward", forward)
+    monkeypatch.setattr(BaseSetCriterion, "compute", compute)
     flags = accumulated_flags(model, synthetic_coco) + ["--loss", "raw+dap"]
     run(flags)
     assert checked[:4] == [0, 1, 0, 1]

@@ -1,6 +1,5 @@
 """main.py end to end on the synthetic dataset: train -> checkpoint -> resume -> evaluate,
 fine-tuning from a checkpoint, bad input, and 2-process gloo training against 1 process."""
-import argparse
 import json
 import os
 import subprocess
@@ -10,25 +9,9 @@ import pytest
 import torch
 
 import main as detr_main
-from conftest import REPO, TINY_DETR_FLAGS
 from util.checkpoint import load_checkpoint
 
-
-def parse(flags):
-    parser = argparse.ArgumentParser(parents=[detr_main.get_args_parser()])
-    return detr_main.parse_args(parser, flags)
-
-
-def run(flags):
-    args = parse(flags)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    return detr_main.main(args)
-
-
-def data_flags(synthetic_coco):
-    path, num_classes = synthetic_coco
-    return TINY_DETR_FLAGS + ["--coco_path", path, "--num_classes", str(num_classes), "--batch_size", "2"]
+from conftest import REPO, data_flags, parse, run
 
 
 def read_log(run_dir):

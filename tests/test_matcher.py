@@ -50,8 +50,8 @@ def brute_force_min(cost, num_queries, num_targets):
 WEIGHTS = [(1, 5, 2), (1, 0, 0), (0, 1, 0), (0, 0, 1), (2, 1, 0)]
 
 
-@pytest.mark.parametrize('weights', WEIGHTS)
-@pytest.mark.parametrize('seed', range(6))
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("seed", range(6))
 def test_matcher_is_optimal(weights, seed):
     g = torch.Generator().manual_seed(seed)
     num_classes = 4
@@ -59,30 +59,30 @@ def test_matcher_is_optimal(weights, seed):
     # Include images without targets and, for small Q, more targets than queries.
     sizes = [0] + [int(torch.randint(0, 5, (1,), generator=g)) for _ in range(2)]
     bs = len(sizes)
-    outputs = {'pred_logits': torch.randn(bs, num_queries, num_classes + 1, generator=g) * 2,
-               'pred_boxes': torch.stack([random_boxes(num_queries, g) for _ in range(bs)])}
-    targets = [{'labels': torch.randint(0, num_classes, (n,), generator=g), 'boxes': random_boxes(n, g)}
+    outputs = {"pred_logits": torch.randn(bs, num_queries, num_classes + 1, generator=g) * 2,
+               "pred_boxes": torch.stack([random_boxes(num_queries, g) for _ in range(bs)])}
+    targets = [{"labels": torch.randint(0, num_classes, (n,), generator=g), "boxes": random_boxes(n, g)}
                for n in sizes]
 
     indices = HungarianMatcher(*weights)(outputs, targets)
 
     assert len(indices) == bs
     for b, ((src, tgt), target) in enumerate(zip(indices, targets)):
-        n = len(target['labels'])
+        n = len(target["labels"])
         assert src.dtype == tgt.dtype == torch.int64
         assert len(src) == len(tgt) == min(num_queries, n)
         assert len(set(src.tolist())) == len(src) and len(set(tgt.tolist())) == len(tgt)
         if n == 0:
             continue
-        cost = reference_cost(outputs['pred_logits'][b], outputs['pred_boxes'][b], target['labels'],
-                              target['boxes'], *weights)
+        cost = reference_cost(outputs["pred_logits"][b], outputs["pred_boxes"][b], target["labels"],
+                              target["boxes"], *weights)
         chosen = sum(cost[q][t] for q, t in zip(src.tolist(), tgt.tolist()))
         assert chosen == pytest.approx(brute_force_min(cost, num_queries, n), abs=1e-5)
 
 
 def test_matcher_with_no_targets_in_the_batch():
-    outputs = {'pred_logits': torch.randn(2, 3, 5), 'pred_boxes': torch.rand(2, 3, 4) * 0.5 + 0.25}
-    targets = [{'labels': torch.zeros(0, dtype=torch.int64), 'boxes': torch.zeros(0, 4)}] * 2
+    outputs = {"pred_logits": torch.randn(2, 3, 5), "pred_boxes": torch.rand(2, 3, 4) * 0.5 + 0.25}
+    targets = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
     for src, tgt in HungarianMatcher(1, 5, 2)(outputs, targets):
         assert src.shape == tgt.shape == (0,) and src.dtype == torch.int64
 
@@ -90,8 +90,8 @@ def test_matcher_with_no_targets_in_the_batch():
 def test_matcher_finds_the_obvious_assignment():
     boxes = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2], [0.8, 0.7, 0.1, 0.3]])
     logits = torch.zeros(1, 3, 4)
-    outputs = {'pred_logits': logits, 'pred_boxes': boxes[None]}
-    targets = [{'labels': torch.tensor([0, 1]), 'boxes': boxes[[2, 0]]}]
+    outputs = {"pred_logits": logits, "pred_boxes": boxes[None]}
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": boxes[[2, 0]]}]
     (src, tgt), = HungarianMatcher(1, 5, 2)(outputs, targets)
     assert sorted(zip(src.tolist(), tgt.tolist())) == [(0, 1), (2, 0)]
 

@@ -19,7 +19,7 @@ from models.ops.functions import MSDeformAttnFunction
 from models.ops.functions import ms_deform_attn_func as msda_func
 from models.ops.modules import ms_deform_attn as msda_module
 
-OPS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'models', 'ops')
+OPS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "ops")
 
 requires_cuda_op = pytest.mark.skipif(
     not (torch.cuda.is_available() and msda_func._C is not None),
@@ -31,7 +31,7 @@ def level_start_index(shapes):
     return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
 
 
-def random_inputs(shapes, N=2, M=2, D=3, Lq=4, P=2, dtype=torch.float64, device='cpu', seed=0):
+def random_inputs(shapes, N=2, M=2, D=3, Lq=4, P=2, dtype=torch.float64, device="cpu", seed=0):
     """Random operator inputs; locations span [-0.3, 1.3] so some points fall outside the maps."""
     g = torch.Generator().manual_seed(seed)
     shapes = torch.tensor(shapes, dtype=torch.long)
@@ -96,40 +96,40 @@ def test_pytorch_op_gradcheck():
     value, shapes, _, loc, attn = random_inputs([(3, 2), (2, 2)], N=1, M=2, D=2, Lq=2, P=2, seed=1)
     inputs = [t.requires_grad_() for t in (value, loc, attn)]
     assert torch.autograd.gradcheck(
-        lambda v, l, a: ms_deform_attn_core_pytorch(v, shapes, l, a), inputs)
+        lambda v, loc_, a: ms_deform_attn_core_pytorch(v, shapes, loc_, a), inputs)
 
 
 def test_entry_point_uses_pytorch_on_cpu_and_logs_once(monkeypatch, capsys):
     # Pretend the extension is built: CPU tensors must still take the PyTorch path (the dummy
     # has no kernels, so calling it would fail).
-    monkeypatch.setattr(msda_func, '_C', object())
-    monkeypatch.setattr(msda_func, '_logged_paths', set())
+    monkeypatch.setattr(msda_func, "_C", object())
+    monkeypatch.setattr(msda_func, "_logged_paths", set())
     value, shapes, start, loc, attn = random_inputs([(3, 4), (2, 2)])
     out = ms_deform_attn(value, shapes, start, loc, attn)
     ms_deform_attn(value, shapes, start, loc, attn)
     torch.testing.assert_close(out, ms_deform_attn_core_pytorch(value, shapes, loc, attn), rtol=0, atol=0)
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and 'pure-PyTorch' in lines[0] and 'cpu' in lines[0]
+    assert len(lines) == 1 and "pure-PyTorch" in lines[0] and "cpu" in lines[0]
 
 
 def test_function_without_extension_says_how_to_build(monkeypatch):
-    monkeypatch.setattr(msda_func, '_C', None)
+    monkeypatch.setattr(msda_func, "_C", None)
     value, shapes, start, loc, attn = random_inputs([(2, 2)])
-    with pytest.raises(RuntimeError, match='models/ops/README.md'):
+    with pytest.raises(RuntimeError, match="models/ops/README.md"):
         MSDeformAttnFunction.apply(value, shapes, start, loc, attn, 64)
 
 
 # ---- the module -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('n_levels, n_rows', [(4, 256), (1, 64)])
+@pytest.mark.parametrize("n_levels, n_rows", [(4, 256), (1, 64)])
 def test_module_parameters_match_upstream(n_levels, n_rows):
     m = MSDeformAttn(256, n_levels, 8, 4)
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes == {
-        'sampling_offsets.weight': (n_rows, 256), 'sampling_offsets.bias': (n_rows,),
-        'attention_weights.weight': (n_rows // 2, 256), 'attention_weights.bias': (n_rows // 2,),
-        'value_proj.weight': (256, 256), 'value_proj.bias': (256,),
-        'output_proj.weight': (256, 256), 'output_proj.bias': (256,),
+        "sampling_offsets.weight": (n_rows, 256), "sampling_offsets.bias": (n_rows,),
+        "attention_weights.weight": (n_rows // 2, 256), "attention_weights.bias": (n_rows // 2,),
+        "value_proj.weight": (256, 256), "value_proj.bias": (256,),
+        "output_proj.weight": (256, 256), "output_proj.bias": (256,),
     }
     assert m.im2col_step == 64
 
@@ -151,9 +151,9 @@ def test_module_init():
 
 
 def test_module_head_dim_checks():
-    with pytest.warns(UserWarning, match='power of 2'):
+    with pytest.warns(UserWarning, match="power of 2"):
         MSDeformAttn(d_model=48, n_levels=1, n_heads=2, n_points=1)
-    with pytest.raises(ValueError, match='divisible'):
+    with pytest.raises(ValueError, match="divisible"):
         MSDeformAttn(d_model=30, n_levels=1, n_heads=4, n_points=1)
 
 
@@ -185,11 +185,11 @@ def capture_operator_inputs(monkeypatch):
     def spy(value, shapes, start, loc, attn, im2col_step):
         captured.update(value=value, loc=loc, attn=attn)
         return ms_deform_attn(value, shapes, start, loc, attn, im2col_step)
-    monkeypatch.setattr(msda_module, 'ms_deform_attn', spy)
+    monkeypatch.setattr(msda_module, "ms_deform_attn", spy)
     return captured
 
 
-@pytest.mark.parametrize('ref_dim', [2, 4])
+@pytest.mark.parametrize("ref_dim", [2, 4])
 def test_module_sampling_locations_and_weights(monkeypatch, ref_dim):
     captured = capture_operator_inputs(monkeypatch)
     m = small_module()
@@ -206,11 +206,11 @@ def test_module_sampling_locations_and_weights(monkeypatch, ref_dim):
             expected[:, :, :, lvl, :, 1] = r[..., 1] + offsets[:, :, :, lvl, :, 1] / H
         else:  # offsets in units of half the box over n_points
             expected[:, :, :, lvl] = r[..., :2] + offsets[:, :, :, lvl] / 3 * r[..., 2:] * 0.5
-    torch.testing.assert_close(captured['loc'], expected)
+    torch.testing.assert_close(captured["loc"], expected)
 
     logits = m.attention_weights(query).view(2, 3, 2, 6)
-    torch.testing.assert_close(captured['attn'], logits.softmax(-1).view(2, 3, 2, 2, 3))
-    assert captured['value'].shape == (2, 4 * 5 + 2 * 3, 2, 8)
+    torch.testing.assert_close(captured["attn"], logits.softmax(-1).view(2, 3, 2, 2, 3))
+    assert captured["value"].shape == (2, 4 * 5 + 2 * 3, 2, 8)
 
 
 def test_module_padding_mask_hides_padded_values():
@@ -233,9 +233,9 @@ def test_module_padding_mask_hides_padded_values():
 def test_module_rejects_bad_inputs():
     m = small_module()
     query, ref, src, shapes, start = module_inputs()
-    with pytest.raises(ValueError, match='2 or 4'):
+    with pytest.raises(ValueError, match="2 or 4"):
         m(query, torch.rand(2, 3, 2, 3), src, shapes, start)
-    with pytest.raises(ValueError, match='input_flatten has'):
+    with pytest.raises(ValueError, match="input_flatten has"):
         m(query, ref, src[:, :-1], shapes, start)
 
 
@@ -249,21 +249,21 @@ def test_module_backward_reaches_every_parameter():
 
 # ---- the CUDA kernels, compiled for the CPU (tests/cuda_host emulates warps and atomics) ---------
 
-HOST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cuda_host')
+HOST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_host")
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def host_kernels(tmp_path_factory):
     """The kernel source of the CUDA op, built with g++ as a CPU library: the kernels' indexing,
     bilinear weights, boundary handling, warp reductions and atomic accumulation are checked
     here on every machine, not only where a GPU is lent."""
-    if shutil.which('g++') is None:
+    if shutil.which("g++") is None:
         pytest.skip("needs g++ to compile the kernels for the CPU")
-    library = tmp_path_factory.mktemp('msda_host') / 'msda_host.so'
+    library = tmp_path_factory.mktemp("msda_host") / "msda_host.so"
     build = subprocess.run(
-        ['g++', '-std=c++20', '-O2', '-pthread', '-shared', '-fPIC', '-Wall', '-Wextra', '-Werror',
-         '-I', HOST_DIR, '-I', os.path.join(OPS_DIR, 'src', 'cuda'),
-         os.path.join(HOST_DIR, 'ms_deform_attn_host.cpp'), '-o', str(library)],
+        ["g++", "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
+         "-I", HOST_DIR, "-I", os.path.join(OPS_DIR, "src", "cuda"),
+         os.path.join(HOST_DIR, "ms_deform_attn_host.cpp"), "-o", str(library)],
         capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     return ctypes.CDLL(str(library))
@@ -272,7 +272,7 @@ def host_kernels(tmp_path_factory):
 def _host_call(lib, name, dtype, tensors, sizes, outputs):
     """Calls msda_<name>_<f32|f64> with contiguous CPU tensors; returns its status (0 = fine)."""
     for t in tensors + outputs:
-        assert t.is_contiguous() and t.device.type == 'cpu'
+        assert t.is_contiguous() and t.device.type == "cpu"
     fn = getattr(lib, f"msda_{name}_{'f64' if dtype == torch.float64 else 'f32'}")
     fn.restype = ctypes.c_int
     pointers = [ctypes.c_void_p(t.data_ptr()) for t in tensors]
@@ -288,9 +288,9 @@ def host_forward_backward(lib, value, shapes, start, loc, attn, grad_output):
     _, Lq, _, L, P, _ = loc.shape
     sizes = (N, S, Lq, M, D, L, P)
     output = torch.empty(N, Lq, M * D, dtype=value.dtype)
-    assert _host_call(lib, 'forward', value.dtype, [value, shapes, start, loc, attn], sizes, [output]) == 0
+    assert _host_call(lib, "forward", value.dtype, [value, shapes, start, loc, attn], sizes, [output]) == 0
     grads = [torch.zeros_like(value), torch.zeros_like(loc), torch.zeros_like(attn)]
-    status = _host_call(lib, 'backward', value.dtype, [value, shapes, start, loc, attn, grad_output],
+    status = _host_call(lib, "backward", value.dtype, [value, shapes, start, loc, attn, grad_output],
                         sizes, grads)
     assert status == 0, "the lanes of a warp did not all reach the same shuffles"
     return [output] + grads
@@ -303,8 +303,8 @@ def pytorch_forward_backward(value, shapes, loc, attn, grad_output):
     return [output.detach()] + [t.grad for t in inputs]
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-@pytest.mark.parametrize('channels', [3, 32, 33, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [3, 32, 33, 70])
 def test_host_kernels_match_pytorch(host_kernels, dtype, channels):
     # channels < 32 leaves lanes idle, 33 and 70 make lanes loop; 2*5*3 = 30 rows end inside a block.
     value, shapes, start, loc, attn = random_inputs([(6, 4), (3, 2), (2, 1), (1, 1)], N=2, M=3,
@@ -314,9 +314,9 @@ def test_host_kernels_match_pytorch(host_kernels, dtype, channels):
     reference = pytorch_forward_backward(*(t.double() for t in (value,)), shapes,
                                          loc.double(), attn.double(), grad_output.double())
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
-    for name, got, want in zip(('output', 'grad_value', 'grad_sampling_loc', 'grad_attn_weight'),
+    for name, got, want in zip(("output", "grad_value", "grad_sampling_loc", "grad_attn_weight"),
                                kernels, reference):
-        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_host_kernels_edges_and_far_away_points(host_kernels):
@@ -348,15 +348,15 @@ def test_host_kernels_edges_and_far_away_points(host_kernels):
 # ---- the CUDA op (GPU machines with the extension built) ---------------------------------------
 
 @requires_cuda_op
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-@pytest.mark.parametrize('channels', [30, 32, 64, 71])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [30, 32, 64, 71])
 def test_cuda_op_matches_pytorch(dtype, channels):
     value, shapes, start, loc, attn = random_inputs([(6, 4), (3, 2), (2, 1), (1, 1)], N=2, M=2,
-                                                    D=channels, Lq=5, P=4, dtype=dtype, device='cuda')
-    grad_out = torch.randn(2, 5, 2 * channels, dtype=dtype, device='cuda')
+                                                    D=channels, Lq=5, P=4, dtype=dtype, device="cuda")
+    grad_out = torch.randn(2, 5, 2 * channels, dtype=dtype, device="cuda")
     results = []
-    for op in (lambda v, l, a: MSDeformAttnFunction.apply(v, shapes, start, l, a, 64),
-               lambda v, l, a: ms_deform_attn_core_pytorch(v, shapes, l, a)):
+    for op in (lambda v, loc_, a: MSDeformAttnFunction.apply(v, shapes, start, loc_, a, 64),
+               lambda v, loc_, a: ms_deform_attn_core_pytorch(v, shapes, loc_, a)):
         inputs = [t.clone().requires_grad_() for t in (value, loc, attn)]
         out = op(*inputs)
         out.backward(grad_out)
@@ -369,24 +369,24 @@ def test_cuda_op_matches_pytorch(dtype, channels):
 @requires_cuda_op
 def test_cuda_op_gradcheck():
     value, shapes, start, loc, attn = random_inputs([(3, 2), (2, 2)], N=1, M=2, D=3, Lq=2, P=2,
-                                                    device='cuda', seed=2)
+                                                    device="cuda", seed=2)
     inputs = [t.requires_grad_() for t in (value, loc, attn)]
     assert torch.autograd.gradcheck(
-        lambda v, l, a: MSDeformAttnFunction.apply(v, shapes, start, l, a, 64), inputs)
+        lambda v, loc_, a: MSDeformAttnFunction.apply(v, shapes, start, loc_, a, 64), inputs)
 
 
 @requires_cuda_op
 def test_cuda_op_batch_chunks():
-    value, shapes, start, loc, attn = random_inputs([(4, 3), (2, 2)], N=4, device='cuda')
+    value, shapes, start, loc, attn = random_inputs([(4, 3), (2, 2)], N=4, device="cuda")
     torch.testing.assert_close(MSDeformAttnFunction.apply(value, shapes, start, loc, attn, 2),
                                MSDeformAttnFunction.apply(value, shapes, start, loc, attn, 64))
-    with pytest.raises(RuntimeError, match='divisible'):
+    with pytest.raises(RuntimeError, match="divisible"):
         MSDeformAttnFunction.apply(value[:3], shapes, start, loc[:3], attn[:3], 2)
 
 
 @requires_cuda_op
 def test_cuda_op_half_inputs_and_autocast():
-    value, shapes, start, loc, attn = random_inputs([(4, 3), (2, 2)], dtype=torch.float32, device='cuda')
+    value, shapes, start, loc, attn = random_inputs([(4, 3), (2, 2)], dtype=torch.float32, device="cuda")
     out = ms_deform_attn(value.half(), shapes, start, loc, attn.half())
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), ms_deform_attn_core_pytorch(value, shapes, loc, attn),
@@ -394,7 +394,7 @@ def test_cuda_op_half_inputs_and_autocast():
 
     m = small_module().cuda()
     query, ref, src, shapes, start = (t.cuda() for t in module_inputs())
-    with torch.autocast('cuda', dtype=torch.float16):
+    with torch.autocast("cuda", dtype=torch.float16):
         out = m(query, ref, src, shapes, start)
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
@@ -403,20 +403,20 @@ def test_cuda_op_half_inputs_and_autocast():
 @pytest.mark.skipif(msda_func._C is None, reason="needs the built MultiScaleDeformableAttention extension")
 def test_extension_rejects_cpu_tensors():
     value, shapes, start, loc, attn = random_inputs([(2, 2)])
-    with pytest.raises(RuntimeError, match='only has CUDA kernels'):
+    with pytest.raises(RuntimeError, match="only has CUDA kernels"):
         msda_func._C.ms_deform_attn_forward(value, shapes, start, loc, attn, 64)
 
 
 # ---- building the extension (slow; opt in with DAP_DETR_BUILD_OPS=1) ---------------------------
 
-@pytest.mark.skipif(os.environ.get('DAP_DETR_BUILD_OPS') != '1',
+@pytest.mark.skipif(os.environ.get("DAP_DETR_BUILD_OPS") != "1",
                     reason="compiles the CUDA extension (about a minute); set DAP_DETR_BUILD_OPS=1")
 def test_extension_compiles_and_imports(tmp_path):
-    env = dict(os.environ, FORCE_CUDA='1', CUDA_HOME=os.environ.get('CUDA_HOME', '/usr/local/cuda'),
-               TORCH_CUDA_ARCH_LIST='9.0')
+    env = dict(os.environ, FORCE_CUDA="1", CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+               TORCH_CUDA_ARCH_LIST="9.0")
     build = subprocess.run(
-        [sys.executable, 'setup.py', 'build_ext', '--build-lib', str(tmp_path / 'lib'),
-         '--build-temp', str(tmp_path / 'tmp')],
+        [sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+         "--build-temp", str(tmp_path / "tmp")],
         cwd=OPS_DIR, env=env, capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
 
@@ -435,5 +435,5 @@ def test_extension_compiles_and_imports(tmp_path):
             raise AssertionError('CPU tensors were accepted')
         print('ok', ext.__file__)
     """)
-    run = subprocess.run([sys.executable, '-c', check], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.startswith('ok'), run.stdout + run.stderr
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr

@@ -11,8 +11,9 @@ import sys
 import pytest
 
 import main as detr_main
-from conftest import REPO, TINY_DETR_FLAGS
 from util.errors import UserInputError
+
+from conftest import REPO, TINY_DETR_FLAGS
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import reproduce  # noqa: E402
@@ -107,7 +108,7 @@ def test_config_flags_parse_with_main(name, checkpoint_dir):
     _, flags = flags_for(name, checkpoint_dir, world_size=4)
     argv = reproduce.to_argv(flags)
     skip_unless_main_accepts(argv)
-    args = detr_main.parse_args(main_parser(), argv)
+    args = main_parser().parse_args(argv)
     negated = {"no_aux_loss": "aux_loss", "no_iou_aware_query_selection": "iou_aware_query_selection"}
     for key, value in flags.items():
         if key in negated:
@@ -135,7 +136,7 @@ def test_sweeps_and_overrides():
     assert [p for p, _ in points] == ["dap_sigma=0.01", "dap_sigma=0.025", "dap_sigma=0.05", "dap_sigma=0.1",
                                       "dap_sigma=0.2"]
     assert [f["dap_sigma"] for _, f in points] == [0.01, 0.025, 0.05, 0.1, 0.2]
-    reproduce.apply_overrides(config, ["dap_sigma=0.1", "epochs=3", "max_batch_per_gpu=2", "model=\"detr\""])
+    reproduce.apply_overrides(config, ["dap_sigma=0.1", "epochs=3", "max_batch_per_gpu=2", 'model="detr"'])
     assert reproduce.sweep_points(config) == [("dap_sigma=0.1", {**config["flags"], "dap_sigma": 0.1})]
     assert config["flags"]["epochs"] == 3 and config["launch"]["max_batch_per_gpu"] == 2
     assert reproduce.parse_value("1e-5") == 1e-5 and reproduce.parse_value("/a/b.pth") == "/a/b.pth"
@@ -217,7 +218,7 @@ def test_detr_rows_end_to_end(synthetic_coco, tmp_path, capfd, checkpoint_dir):
     assert "train_loss_dap" in read_log(run_dir)[-1]
 
     checkpoint = run_dir / "checkpoint.pth"
-    assert smoke("detr_r50_eval", synthetic_coco, tmp_path, "detr", f"resume=\"{checkpoint}\"") == 0
+    assert smoke("detr_r50_eval", synthetic_coco, tmp_path, "detr", f'resume="{checkpoint}"') == 0
     with open(tmp_path / "detr_r50_eval" / "eval_stats.json") as f:
         evaluated = json.load(f)["test_coco_eval_bbox"]
     assert evaluated == pytest.approx(read_log(run_dir)[-1]["test_coco_eval_bbox"], abs=1e-9)

@@ -19,6 +19,7 @@ import time
 import pytest
 
 import run_with_submitit
+
 from conftest import REPO, TINY_DETR_FLAGS
 
 
@@ -114,9 +115,9 @@ def test_launcher_refuses_bad_input(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and err.startswith("error: ") and expected in err and "\n" not in err
     # Folders: the job's own under the output folder; without one, ./experiments/<job id>.
-    args = run_with_submitit.detr_main.parse_args(run_with_submitit.get_launcher_parser(), ["--output_dir", "o"])
+    args = run_with_submitit.get_launcher_parser().parse_args(["--output_dir", "o"])
     assert run_with_submitit.job_folders(args) == (os.path.abspath("o/submitit"), os.path.abspath("o"))
-    args = run_with_submitit.detr_main.parse_args(run_with_submitit.get_launcher_parser(), [])
+    args = run_with_submitit.get_launcher_parser().parse_args([])
     assert run_with_submitit.job_folders(args) == (os.path.abspath("experiments/%j"),) * 2
 
 

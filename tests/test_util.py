@@ -1,6 +1,5 @@
 import argparse
 import os
-import pickle
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from util import box_ops
 from util.checkpoint import fit_state_dict, load_checkpoint, model_state_from_checkpoint
 from util.errors import UserInputError
 from util.misc import SmoothedValue, accuracy, inverse_sigmoid, nested_tensor_from_tensor_list
-
 
 # ----------------------------------------------------------------------------- misc
 

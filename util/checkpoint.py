@@ -1,4 +1,5 @@
-"""Reading checkpoints safely and fitting their weights to a model.
+"""Writing training checkpoints atomically, reading checkpoints safely and fitting their weights
+to a model.
 
 Checkpoints are unpickled with ``weights_only=True``: only tensors, containers of plain Python
 values and the few types allowlisted below can come back, so a checkpoint can never run code.
@@ -12,6 +13,7 @@ from urllib.error import URLError
 import torch
 
 from util.errors import UserInputError
+from util.misc import is_main_process
 
 # DETR's and Deformable DETR's main.py store the command line (an argparse.Namespace) in 'args'.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -113,3 +115,27 @@ def fit_state_dict(model, state_dict, source="checkpoint", drop_prefixes=()):
                     "or --finetune_drop_class_head to re-initialise it)")
         raise UserInputError(f"{source} does not fit the model: {'; '.join(problems)}{hint}")
     model.load_state_dict(state_dict, strict=not drop_prefixes)
+
+
+def save_checkpoint(path, model, matcher, optimizer, lr_scheduler, epoch, args, ema=None, scaler=None):
+    """Write a training checkpoint from the main process, atomically (temp file + rename), so a job
+    killed mid-write leaves the last good file. 'matcher' holds the matcher's state (the DAP
+    momentum precision table; empty otherwise); 'ema' and 'scaler' (the GradScaler of --amp on
+    CUDA) are there when in use."""
+    if not is_main_process():
+        return
+    tmp = path.with_suffix(".pth.tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
+                "matcher": matcher.state_dict(), **({"ema": ema.state_dict()} if ema else {}),
+                **({"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {})}, tmp)
+    tmp.replace(path)
+
+
+def restore_matcher(matcher, checkpoint, source):
+    """The matcher's state from a training checkpoint, when it holds one for this matcher."""
+    state = checkpoint.get("matcher", {})
+    if set(state) == set(matcher.state_dict()):
+        matcher.load_state_dict(state)
+    else:
+        print(f"Note: {source} holds no state for this matcher ({type(matcher).__name__}); it starts afresh")

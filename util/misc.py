@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
 # ----------------------------------------------------------------------------- batching
 
 class NestedTensor:
@@ -70,11 +69,6 @@ def get_rank():
 
 def is_main_process():
     return get_rank() == 0
-
-
-def save_on_master(*args, **kwargs):
-    if is_main_process():
-        torch.save(*args, **kwargs)
 
 
 def all_gather(data):
@@ -279,6 +273,11 @@ def set_rng_state(state):
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
+
+
+def scaled_size(size, input_scale=1.0, stride=32):
+    """size * input_scale rounded to a multiple of stride (RT-DETR's coarsest, 32), at least one stride."""
+    return max(stride, round(size * input_scale / stride) * stride)
 
 
 def inverse_sigmoid(x, eps=1e-5):

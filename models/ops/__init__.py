@@ -2,3 +2,5 @@
 optional CUDA kernels (see README.md in this folder for building them)."""
 from .functions import ms_deform_attn, ms_deform_attn_core_pytorch
 from .modules import MSDeformAttn
+
+__all__ = ["MSDeformAttn", "ms_deform_attn", "ms_deform_attn_core_pytorch"]

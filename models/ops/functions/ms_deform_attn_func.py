@@ -21,8 +21,8 @@ from torch.autograd.function import once_differentiable
 def _load_extension():
     """The compiled op, installed with pip (a top-level module) or built in place next to this
     package; returns (module or None, import error worth showing or None)."""
-    in_place = __package__.rsplit('.', 1)[0] + '.MultiScaleDeformableAttention'
-    for name in ('MultiScaleDeformableAttention', in_place):
+    in_place = __package__.rsplit(".", 1)[0] + ".MultiScaleDeformableAttention"
+    for name in ("MultiScaleDeformableAttention", in_place):
         try:
             return importlib.import_module(name), None
         except ModuleNotFoundError:
@@ -51,7 +51,7 @@ def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations,
         value_l = value_per_level[lvl].flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
         # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
         grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-        samples.append(F.grid_sample(value_l, grid_l, mode='bilinear', padding_mode='zeros',
+        samples.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
                                      align_corners=False))  # [N*M, D, Lq, P]
     samples = torch.stack(samples, dim=-2).flatten(-2)  # [N*M, D, Lq, L*P]
     weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)

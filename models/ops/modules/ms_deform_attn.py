@@ -22,7 +22,7 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"MSDeformAttn: d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         if not _is_power_of_2(d_model // n_heads):
             warnings.warn(f"MSDeformAttn: d_model / n_heads = {d_model // n_heads} is not a power of 2; "
-                          "the CUDA kernel is most efficient when it is")
+                          "the CUDA kernel is most efficient when it is", stacklevel=2)
 
         self.im2col_step = 64  # batch chunk of the CUDA op
         self.d_model = d_model

@@ -1,0 +1,204 @@
+"""
+DAP's mathematics as pure functions of detection scores and IoUs: the differentiable average
+precision of "Differentiable Average Precision Loss in DETR" (section 3, docs/DAP.md) and the AP
+matching cost of Eq. 11. No detector, matching or process group here: models/dap_criterion.py
+feeds these functions from a detector's outputs, models/dap_matcher.py matches with the cost.
+
+DAP smooths the rectangle-rule AP of Eq. 3: scores are spread over N bins by a Gaussian, and
+the step in IoU is replaced by a piecewise-linear function.
+
+Notation: N score thresholds x_i = i / N, Gaussian score smoothing of width sigma, K IoU
+thresholds alpha_k (COCO's ten by default). Every count and precision table is [K, N].
+"""
+import math
+from typing import NamedTuple
+
+import torch
+
+# Rounded, not accumulated: 0.85 and 0.9 must be the decimal values so that an IoU lying
+# exactly on a threshold reaches it.
+COCO_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))
+
+
+class DAPTerms(NamedTuple):
+    dap: torch.Tensor        # scalar DAP value (Eq. 10); the loss is its negative (Eq. 9)
+    precision: torch.Tensor  # [K, N] interpolated precision P_k^i (section 3.4)
+
+
+def score_thresholds(num_bins, dtype, device=None):
+    """x_i = i / N for i = 0..N-1."""
+    return (torch.arange(num_bins, dtype=torch.float64, device=device) / num_bins).to(dtype)
+
+
+def iou_threshold_tensor(iou_thresholds, dtype, device=None):
+    # Made in float64 and then cast, so an IoU equal to the decimal in `dtype` compares equal.
+    return torch.as_tensor(iou_thresholds, dtype=torch.float64, device=device).to(dtype)
+
+
+def normal_cdf(z):
+    """Phi(z) through erfc, accurate far into the lower tail, where torch.special.ndtr
+    computes 0.5 * (1 + erf) and flushes to 0 (pytorch/pytorch#192295)."""
+    return 0.5 * torch.special.erfc(-z / math.sqrt(2))
+
+
+def tail_mass(scores, thresholds, sigma):
+    """T_i(s) (Eq. 5): probability that a detection is counted at threshold x_i; [..., N].
+
+    x_0 is read as -inf, so T_0 = 1. Evaluated as Phi(-z) rather than 1 - Phi(z) to keep
+    precision far in the tail.
+    """
+    lower = torch.cat([thresholds.new_full((1,), -math.inf), thresholds[1:]])
+    return normal_cdf((scores.unsqueeze(-1) - lower) / sigma)
+
+
+def _mass_from_tails(tails):
+    # F_i = T_i - T_{i+1} with T_N = 0: the bins partition the score axis.
+    return -tails.diff(dim=-1, append=torch.zeros_like(tails[..., :1]))
+
+
+def bin_mass(scores, thresholds, sigma):
+    """F_i(s) (Eq. 8): probability that the score falls in bin [x_i, x_{i+1}); [..., N].
+
+    x_0 is read as -inf and x_N as +inf, so the masses of a score sum to 1.
+    """
+    return _mass_from_tails(tail_mass(scores, thresholds, sigma))
+
+
+def soft_counts(pos_tails, pos_ious, neg_tails, iou_thresholds):
+    """Soft true / false positive counts tp_k^i, fp_k^i, each [K, N] (Eq. 6, 7).
+
+    Whether a positive reaches alpha_k is a step of its IoU: no gradient flows through it.
+    """
+    alphas = iou_threshold_tensor(iou_thresholds, pos_ious.dtype, pos_ious.device)
+    reached = (pos_ious.detach().unsqueeze(0) >= alphas.unsqueeze(1)).to(pos_tails.dtype)  # [K, P]
+    tp = reached @ pos_tails
+    fp = (1 - reached) @ pos_tails + neg_tails.sum(0)
+    return tp, fp
+
+
+def precision_from_counts(tp, fp):
+    """p = tp / (tp + fp), and 0 where nothing is counted.
+
+    The denominator itself is made safe so that the unused branch of `where` cannot put a
+    NaN into the gradient. Denominators below the dtype's smallest normal number count as 0:
+    the backward of a division forms (tp / denom) / denom, which overflows for subnormal
+    denominators (scores some 13 sigma below a threshold in float32), while the positives'
+    bin mass there, and so the effect on DAP, is below that number too.
+    """
+    denom = tp + fp
+    counted = denom >= torch.finfo(denom.dtype).tiny
+    return torch.where(counted, tp / torch.where(counted, denom, torch.ones_like(denom)), 0.0)
+
+
+def interpolated_precision(precision):
+    """P_k^i = max_{j <= i} p_k^j (section 3.4): COCO's precision envelope, taken over the
+    lower score thresholds (higher recalls), so P_k^i is non-decreasing in i."""
+    return precision.cummax(dim=-1).values
+
+
+def localisation_function(ious, interp_precision, iou_thresholds=COCO_IOU_THRESHOLDS):
+    """L̂_i(u) (Eq. 4, section 3.2.1) for every IoU u and bin i; shape ious.shape + (N,).
+
+    Piecewise linear in u (clamped to [0, 1]) through the knots (0, 0), (alpha_k, C_k^i) with
+    C_k^i = sum_{m <= k} P_m^i, and (1, C_K^i + P_K^i); for the COCO thresholds this last knot
+    extends the 0.90 -> 0.95 segment with its own slope. At the knots alpha_k, L̂ equals the
+    step function L_i(u) = sum_k [u >= alpha_k] P_k^i that it smooths.
+    """
+    alphas = iou_threshold_tensor(iou_thresholds, ious.dtype, ious.device)
+    knots = torch.cat([alphas.new_zeros(1), alphas, alphas.new_ones(1)])  # [K + 2]
+    cumulative = interp_precision.cumsum(dim=0)
+    heights = torch.cat([torch.zeros_like(cumulative[:1]), cumulative,
+                         cumulative[-1:] + interp_precision[-1:]])  # [K + 2, N]
+    # Clamp to [0, 1] while keeping the segment's slope as the derivative at 0 and 1 themselves
+    # (Tensor.clamp would give 0 there).
+    u = torch.where((ious >= 0) & (ious <= 1), ious, ious.detach().clamp(0, 1))
+    # Segment index: knot at or below u; u = 1 belongs to the last segment.
+    seg = torch.searchsorted(knots, u.detach().contiguous(), right=True).sub(1).clamp(0, len(knots) - 2)
+    x0, x1 = knots[seg], knots[seg + 1]
+    weight = ((u - x0) / (x1 - x0)).unsqueeze(-1)
+    h0 = heights[seg]
+    return h0 + weight * (heights[seg + 1] - h0)
+
+
+def localisation_sum(pos_scores, pos_ious, precision, *, sigma=0.05, iou_thresholds=COCO_IOU_THRESHOLDS):
+    """The sum of Eq. 10 over positives b and bins i of F_i(s_b) * L̂_i(IoU_b), for a given
+    interpolated precision table [K, N]."""
+    thresholds = score_thresholds(precision.shape[-1], pos_scores.dtype, pos_scores.device)
+    return (bin_mass(pos_scores, thresholds, sigma) * localisation_function(pos_ious, precision, iou_thresholds)).sum()
+
+
+def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, *, num_bins=32, sigma=0.05,
+                            num_gt=None, iou_thresholds=COCO_IOU_THRESHOLDS, reduce_counts=None):
+    """DAP (Eq. 10) and the interpolated precision table it was built from.
+
+    pos_scores, pos_ious: [P] score and IoU of each positive (matched) detection.
+    neg_scores: [M] scores of the negative detections.
+    num_gt: G of Eq. 1; None counts the positives (through reduce_counts), 0 gives DAP = 0.
+    reduce_counts: callable applied, in this order, to tp [K, N], fp [K, N] and, when num_gt
+        is None, to the ground-truth count (a 0-dim tensor) before precision is formed; the
+        distributed criterion passes a differentiable all-reduce here. Each process then
+        returns its own positives' share of the global DAP.
+    Returns DAPTerms(dap, precision) in the dtype of pos_scores, attached to the graph.
+    """
+    reduce = reduce_counts if reduce_counts is not None else (lambda counts: counts)
+    dtype, device = pos_scores.dtype, pos_scores.device
+    thresholds = score_thresholds(num_bins, dtype, device)
+    tp, fp = soft_counts(tail_mass(pos_scores, thresholds, sigma), pos_ious,
+                         tail_mass(neg_scores, thresholds, sigma), iou_thresholds)
+    precision = interpolated_precision(precision_from_counts(reduce(tp), reduce(fp)))
+
+    if num_gt is None:
+        num_gt = reduce(torch.tensor(float(pos_scores.numel()), dtype=dtype, device=device))
+    num_gt = torch.as_tensor(num_gt, dtype=dtype, device=device)
+    # Eq. 10: the sum averaged over the IoU thresholds and divided by G.
+    total = localisation_sum(pos_scores, pos_ious, precision, sigma=sigma, iou_thresholds=iou_thresholds)
+    return DAPTerms(safe_divide(total, len(iou_thresholds) * num_gt), precision)
+
+
+def safe_divide(total, denominator):
+    """total / denominator, and 0 where the denominator is 0 (no ground truth: DAP = 0)."""
+    nonzero = denominator > 0
+    return torch.where(nonzero, total / torch.where(nonzero, denominator, torch.ones_like(denominator)), 0.0)
+
+
+def differentiable_ap(pos_scores, pos_ious, neg_scores, *, num_bins=32, sigma=0.05, num_gt=None,
+                      iou_thresholds=COCO_IOU_THRESHOLDS, reduce_counts=None):
+    """The DAP value alone (Eq. 10); the DAP-loss is its negative (Eq. 9)."""
+    return differentiable_ap_terms(pos_scores, pos_ious, neg_scores, num_bins=num_bins, sigma=sigma,
+                                   num_gt=num_gt, iou_thresholds=iou_thresholds,
+                                   reduce_counts=reduce_counts).dap
+
+
+def class_probabilities(logits, activation):
+    """Per-class scores in float32 (also under mixed precision). Softmax heads (DETR) drop
+    the trailing no-object column; sigmoid heads (Deformable DETR, RT-DETR) have none."""
+    logits = logits.float()
+    if activation == "softmax":
+        return logits.softmax(-1)[..., :-1]
+    if activation == "sigmoid":
+        return logits.sigmoid()
+    raise ValueError(f"unknown score activation {activation!r}; expected 'softmax' or 'sigmoid'")
+
+
+# ----------------------------------------------------------------------------- matching cost (Eq. 11)
+
+def constant_precision(num_bins, dtype=torch.float32, device=None):
+    """The paper's constant precision table: P_k^i = 1 / N for the ten IoU thresholds, [10, N]."""
+    return torch.full((len(COCO_IOU_THRESHOLDS), num_bins), 1.0 / num_bins, dtype=dtype, device=device)
+
+
+def ap_matching_cost(scores, ious, precision, *, sigma, iou_thresholds=COCO_IOU_THRESHOLDS):
+    """cost(q, g) = -sum_i L̂_i(u) F_i(s) (Eq. 11) for every prediction / ground-truth pair.
+
+    scores: [Q, T] score of prediction q for the class of ground truth g.
+    ious: [Q, T] box IoU of prediction q with ground truth g.
+    precision: [K, N] table P_k^i inside L̂ (N = number of score bins).
+    Returns the cost matrix [Q, T].
+
+    With constant_precision, L̂_i is the same function for every bin i and the bin masses of a
+    score sum to 1, so the cost reduces to -L̂(u): an IoU-only cost that ignores the scores.
+    This is the paper's constant mode.
+    """
+    thresholds = score_thresholds(precision.shape[1], scores.dtype, scores.device)
+    masses = bin_mass(scores, thresholds, sigma)  # [Q, T, N]
+    return -(masses * localisation_function(ious, precision, iou_thresholds)).sum(-1)

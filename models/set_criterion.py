@@ -1,0 +1,291 @@
+"""
+What the set criteria of the three detector families share: matching every output layer to the
+targets, the losses on the matched pairs, DAP-loss on the layers that have it, the step totals
+that normalise them, and the one place that chooses the matcher and wires DAP (build_criterion).
+
+The engine <-> criterion protocol
+---------------------------------
+For every micro-batch the engine calls ``criterion(outputs, targets, step)``, where ``step`` is a
+StepContext: the targets of every micro-batch of this process's optimisation step and which one
+this call is. Every loss is normalised by totals of the whole step, summed over processes (one
+all-reduce per call), and the engine divides each micro-batch's weighted loss by the number of
+micro-batches: the step's gradient is that of one batch holding all its images, on one process
+or many. Without ``step`` the batch is the whole step.
+
+DAP's precision is a function of the whole step's detections, which a micro-batch does not see.
+So when the step has several micro-batches and the criterion has a DAP term
+(``criterion.needs_counting_pass``), the engine first calls ``criterion.count(outputs, targets,
+step)`` on every micro-batch, without gradients (the counting pass), and hands the list of what it
+returned to the gradient pass as ``step.counted``. Layers are named by the suffix of their loss
+keys ('' for the final layer, '_0', '_enc', '_aux_1', '_dn_0', ...), and records are keyed by
+that name. The AP-cost matcher's momentum table moves once per step, after the last micro-batch.
+"""
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from util import box_ops
+from util.misc import get_world_size, is_dist_avail_and_initialized
+
+from .dap_criterion import DAPLoss, merge_records
+from .dap_matcher import DAPMatcher
+from .matcher import HungarianMatcher
+
+FINAL_LAYER = ""
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """The optimisation step a criterion call belongs to (see the module docstring).
+
+    targets: for every micro-batch of this process's step, its list of targets (this call's
+        micro-batch included).
+    micro_batch: the index of this call's micro-batch in `targets`.
+    counted: the counting pass, when there was one: for every micro-batch, what
+        SetCriterion.count returned for it ({layer name: LayerRecord}).
+    """
+    targets: list
+    micro_batch: int = 0
+    counted: list | None = None
+
+    @classmethod
+    def single(cls, targets):
+        """A step of one micro-batch: these targets."""
+        return cls([targets])
+
+    @property
+    def micro_batches(self):
+        return len(self.targets)
+
+    @property
+    def is_last(self):
+        return self.micro_batch == len(self.targets) - 1
+
+    def other_micro_batches(self, layer):
+        """The merged LayerRecord of `layer` in every counted micro-batch but this one; None
+        without a counting pass or with one micro-batch."""
+        if self.counted is None:
+            return None
+        others = [records[layer] for i, records in enumerate(self.counted) if i != self.micro_batch]
+        return merge_records(others) if others else None
+
+
+class Layer(NamedTuple):
+    """One output layer to score. name: the suffix of its loss keys; losses: the names of its
+    losses, 'dap' included where DAP-loss applies; indices: a given matching (denoising
+    queries), None to run the matcher; box_groups: num_boxes is multiplied by it."""
+    name: str
+    outputs: dict
+    targets: list
+    losses: list
+    indices: list | None = None
+    box_groups: int = 1
+
+
+def sigmoid_focal_loss(inputs, targets, num_boxes, alpha=0.25, gamma=2.0):
+    """Focal loss (RetinaNet) of per-class sigmoid logits against 0/1 targets, both [B,Q,C]:
+    BCE * (1 - p_t)^gamma, weighted alpha for positives and 1 - alpha for negatives (alpha < 0:
+    unweighted). Returned as upstream reduces it: mean over queries, sum, / num_boxes."""
+    prob = inputs.sigmoid()
+    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(1).sum() / num_boxes
+
+
+class BaseSetCriterion(nn.Module):
+    """Match each output layer to the targets, then score the matched pairs with the layer's
+    losses (keys get the layer's name as suffix). Subclasses supply the classification losses
+    (loss_map) and, where they have more than the final and auxiliary decoder layers, layers().
+
+    A loss function is called as fn(outputs, targets, indices, totals, **kwargs) and returns a
+    dict of scalars; `totals` holds the step totals (see step_totals), num_boxes among them.
+    """
+
+    # Extra arguments of a loss on layers other than the final one: class_error is logged for
+    # the final layer only.
+    aux_layer_kwargs = {"labels": {"log": False}}
+
+    def __init__(self, num_classes, matcher, weight_dict, losses, dap=None):
+        """losses: names of the loss functions (loss_map), 'dap' for DAP-loss; dap: the DAPLoss
+        that 'dap' calls."""
+        super().__init__()
+        if ("dap" in losses) != (dap is not None):
+            raise ValueError("the 'dap' loss and a DAPLoss come together")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.losses = losses
+        self.dap = dap
+
+    @property
+    def needs_counting_pass(self):
+        """Whether an accumulated step must be counted first (see the module docstring)."""
+        return self.dap is not None
+
+    # ------------------------------------------------------------------ losses
+
+    def loss_map(self):
+        return {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes}
+
+    def loss_labels(self, outputs, targets, indices, totals, log=True):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def loss_cardinality(self, outputs, targets, indices, totals):
+        """Mean absolute error of the number of predicted objects; for logging only."""
+        pred_logits = outputs["pred_logits"]
+        tgt_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=pred_logits.device)
+        card_pred = (pred_logits.argmax(-1) != pred_logits.shape[-1] - 1).sum(1)
+        return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths.float())}
+
+    def loss_boxes(self, outputs, targets, indices, totals):
+        """L1 and generalized-IoU losses of the matched boxes, normalised by num_boxes."""
+        idx = self._get_src_permutation_idx(indices)
+        src_boxes = outputs["pred_boxes"][idx]
+        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0)
+
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
+        loss_giou = 1 - torch.diag(box_ops.generalized_box_iou(
+            box_ops.box_cxcywh_to_xyxy(src_boxes), box_ops.box_cxcywh_to_xyxy(target_boxes)))
+        num_boxes = totals["num_boxes"]
+        return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
+
+    @staticmethod
+    def _get_src_permutation_idx(indices):
+        """(batch index, query index) of every matched prediction, for advanced indexing."""
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for src, _ in indices])
+        return batch_idx, src_idx
+
+    # ------------------------------------------------------------------ step totals
+
+    def local_totals(self, targets, num_queries):
+        """This process's totals over the step's targets (flat list), before the all-reduce:
+        num_boxes, upstream's normaliser (target boxes), and num_matched, the matched queries
+        (one-to-one matching pairs min(queries, boxes) per image). Subclasses add theirs."""
+        return {"num_boxes": sum(len(t["labels"]) for t in targets),
+                "num_matched": sum(min(num_queries, len(t["labels"])) for t in targets)}
+
+    def step_totals(self, step, num_queries, device):
+        """local_totals of the whole step, summed over processes (one all-reduce) and divided by
+        the number of (process, micro-batch) pairs, `shares`; num_boxes at least 1 (a float, as
+        upstream), the others float32 tensors.
+
+        A micro-batch's loss normalised by them, divided by the number of micro-batches (engine)
+        and averaged over processes (DDP), is normalised by the total of the whole step: the
+        gradients are those of one process holding the global batch.
+        """
+        local = self.local_totals([t for batch in step.targets for t in batch], num_queries)
+        summed = torch.tensor([float(v) for v in local.values()], dtype=torch.float64, device=device)
+        if is_dist_avail_and_initialized():
+            torch.distributed.all_reduce(summed)
+        shares = get_world_size() * step.micro_batches
+        totals = dict(zip(local, (summed / shares).float()))
+        totals["num_boxes"] = torch.clamp(totals["num_boxes"], min=1).item()
+        totals["shares"] = shares
+        return totals
+
+    # ------------------------------------------------------------------ layers and forward
+
+    def layers(self, outputs, targets):
+        """The final layer and each auxiliary decoder layer ('_i'), all with self.losses."""
+        yield Layer(FINAL_LAYER, {k: v for k, v in outputs.items() if k not in ("aux_outputs", "enc_outputs")},
+                    targets, self.losses)
+        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
+            yield Layer(f"_{i}", aux_outputs, targets, self.losses)
+
+    def get_loss(self, loss, outputs, targets, indices, totals, **kwargs):
+        loss_map = self.loss_map()
+        if loss not in loss_map:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(loss_map)}")
+        return loss_map[loss](outputs, targets, indices, totals, **kwargs)
+
+    def compute(self, outputs, targets, step, raw_losses=True):
+        """Score every layer. Returns (losses, DAP results per layer name). raw_losses=False
+        computes DAP alone (the counting pass needs nothing else)."""
+        totals = self.step_totals(step, outputs["pred_logits"].shape[1], outputs["pred_logits"].device)
+        losses, dap_results = {}, {}
+        for layer in self.layers(outputs, targets):
+            if not raw_losses and "dap" not in layer.losses:
+                continue
+            indices = layer.indices if layer.indices is not None else self.matcher(layer.outputs, layer.targets)
+            layer_totals = {**totals, "num_boxes": totals["num_boxes"] * layer.box_groups}
+            for name in layer.losses:
+                if name == "dap":
+                    result = self.dap(layer.outputs, layer.targets, indices, num_matched=totals["num_matched"],
+                                      shares=totals["shares"], others=step.other_micro_batches(layer.name))
+                    dap_results[layer.name] = result
+                    layer_losses = {"loss_dap": result.loss}
+                    if layer.name == FINAL_LAYER:
+                        layer_losses.update(dap_value=result.dap, dap_precision=result.precision.mean())
+                elif raw_losses:
+                    kwargs = self.aux_layer_kwargs.get(name, {}) if layer.name != FINAL_LAYER else {}
+                    layer_losses = self.get_loss(name, layer.outputs, layer.targets, indices, layer_totals, **kwargs)
+                else:
+                    continue
+                losses.update({k + layer.name: v for k, v in layer_losses.items()})
+        return losses, dap_results
+
+    def forward(self, outputs, targets, step=None):
+        """outputs: the model's output dict; targets: list of dicts with 'labels' [T_i] and
+        'boxes' [T_i,4] (normalised cxcywh); step: a StepContext (see the module docstring),
+        None when this batch is the whole step. Returns a dict of scalar losses and log values."""
+        step = step or StepContext.single(targets)
+        losses, dap_results = self.compute(outputs, targets, step)
+        # The momentum matcher's table moves once per step, after every layer of every
+        # micro-batch was matched: all layers see the table of the earlier steps.
+        update = getattr(self.matcher, "update_precision", None)
+        if self.training and update is not None and FINAL_LAYER in dap_results and step.is_last:
+            update(dap_results[FINAL_LAYER].precision)
+        return losses
+
+    @torch.no_grad()
+    def count(self, outputs, targets, step):
+        """The counting pass of one micro-batch: {layer name: LayerRecord} of every DAP layer
+        (its counts summed over processes, this process's positives). Changes no state."""
+        _, dap_results = self.compute(outputs, targets, step, raw_losses=False)
+        return {name: result.record for name, result in dap_results.items()}
+
+
+# ---------------------------------------------------------------------- building
+
+def with_aux_weights(weight_dict, layer_suffixes):
+    """weight_dict plus a copy of every entry for each layer suffix (e.g. '_0', '_enc')."""
+    out = dict(weight_dict)
+    for suffix in layer_suffixes:
+        out.update({k + suffix: v for k, v in weight_dict.items()})
+    return out
+
+
+def loss_choice(args):
+    """(upstream losses, DAP-loss): what --loss trains with."""
+    return args.loss in ("raw", "raw+dap"), args.loss in ("dap", "raw+dap")
+
+
+def build_matcher(args, activation):
+    """--matcher: the upstream Hungarian cost, or the AP cost of Eq. 11. activation: how the head
+    scores classes, 'softmax' (DETR) or 'sigmoid' (focal heads)."""
+    if args.matcher == "dap":
+        return DAPMatcher(activation=activation, num_bins=args.dap_bins, sigma=args.dap_sigma,
+                          mode=args.dap_cost_mode, momentum=args.dap_momentum)
+    return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
+                            cost_giou=args.set_cost_giou, focal=activation == "sigmoid")
+
+
+def build_criterion(args, criterion_cls, *, activation, **criterion_kwargs):
+    """The criterion of any family, with the matcher of --matcher and, when --loss has it, DAP.
+
+    criterion_cls(matcher=..., dap=..., **criterion_kwargs): the family's criterion; its
+    `losses` name 'dap' exactly when loss_choice(args) says so.
+    """
+    _, with_dap = loss_choice(args)
+    dap = (DAPLoss(activation=activation, num_bins=args.dap_bins, sigma=args.dap_sigma, num_gt=args.dap_num_gt,
+                   neg_topk=args.dap_neg_topk) if with_dap else None)
+    criterion = criterion_cls(matcher=build_matcher(args, activation), dap=dap, **criterion_kwargs)
+    return criterion.to(torch.device(args.device))
