@@ -205,32 +205,29 @@ def wrap_for_processes(model, family, args):
         find_unused_parameters=family.find_unused_parameters(args))
 
 
-def restore(args, model, criterion, optimizer, lr_scheduler, amp):
-    """Load --finetune (weights only) or --resume (the whole training state, unless --eval).
-    Returns the --resume checkpoint (None without one), for the EMA's state."""
-    if args.finetune:
-        checkpoint = load_checkpoint(args.finetune)
+def restore(args, finetune, resume, model, criterion, optimizer, lr_scheduler, amp):
+    """Load the --finetune checkpoint (weights only) and the --resume one (the whole training
+    state, unless --eval); either may be None."""
+    if finetune is not None:
         drop = model.class_head_prefixes if args.finetune_drop_class_head else ()
-        fit_state_dict(model, model_state_from_checkpoint(checkpoint, args.finetune), source=args.finetune,
+        fit_state_dict(model, model_state_from_checkpoint(finetune, args.finetune), source=args.finetune,
                        drop_prefixes=drop)
         print(f"Fine-tuning from {args.finetune}" + (" (class head re-initialised)" if drop else ""))
-    if not args.resume:
-        return None
-    checkpoint = load_checkpoint(args.resume)
-    fit_state_dict(model, model_state_from_checkpoint(checkpoint, args.resume), source=args.resume)
-    if args.eval or not all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
-        return checkpoint
-    restore_matcher(criterion.matcher, checkpoint, args.resume)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    if amp.scaler.is_enabled() and "scaler" in checkpoint:
-        amp.scaler.load_state_dict(checkpoint["scaler"])
-    args.start_epoch = checkpoint["epoch"] + 1
+    if resume is None:
+        return
+    fit_state_dict(model, model_state_from_checkpoint(resume, args.resume), source=args.resume)
+    if args.eval or not all(k in resume for k in ("optimizer", "lr_scheduler", "epoch")):
+        return
+    restore_matcher(criterion.matcher, resume, args.resume)
+    optimizer.load_state_dict(resume["optimizer"])
+    lr_scheduler.load_state_dict(resume["lr_scheduler"])
+    if amp.scaler.is_enabled() and "scaler" in resume:
+        amp.scaler.load_state_dict(resume["scaler"])
+    args.start_epoch = resume["epoch"] + 1
     print(f"Resumed from {args.resume}: continuing at epoch {args.start_epoch}")
     if args.output_dir and utils.is_main_process():
         for log_name in ("log.txt", "iterations.jsonl"):
             drop_log_lines_from(Path(args.output_dir) / log_name, args.start_epoch)
-    return checkpoint
 
 
 def main(args):
@@ -243,6 +240,9 @@ def main(args):
     # A different seed per rank, so the data augmentations differ across processes.
     utils.seed_everything(args.seed, utils.get_rank())
 
+    # Checkpoints first, data second: a bad checkpoint fails before anything reads the dataset.
+    finetune = load_checkpoint(args.finetune) if args.finetune else None
+    resume = load_checkpoint(args.resume) if args.resume else None
     family = FAMILIES[args.model]
     model_without_ddp, criterion, postprocessors = build_model(args, category_ids(args))
     model_without_ddp.to(device)
@@ -253,12 +253,12 @@ def main(args):
     print("number of params:", n_parameters)
     optimizer, lr_scheduler = build_optimizer(family.param_groups(model_without_ddp, args), args)
     amp = MixedPrecision(device, args.amp)
-    # Checkpoints first, data second: a bad checkpoint path fails before minutes of COCO loading.
-    checkpoint = restore(args, model_without_ddp, criterion, optimizer, lr_scheduler, amp)
+    restore(args, finetune, resume, model_without_ddp, criterion, optimizer, lr_scheduler, amp)
     # The average starts from the restored weights (a copy made now), or from the checkpoint's.
     ema = ModelEMA(model_without_ddp, args.ema_decay, args.ema_warmups) if args.ema else None
-    if ema is not None and checkpoint is not None and "ema" in checkpoint:
-        ema.load_state_dict(checkpoint["ema"])
+    if ema is not None and resume is not None and "ema" in resume:
+        ema.load_state_dict(resume["ema"])
+    del finetune, resume
     eval_model = ema.module if ema is not None else model
 
     dataset_train = build_dataset("train", args, family.data_pipeline)

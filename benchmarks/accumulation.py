@@ -2,8 +2,8 @@
 micro-batch forward once more without gradients, against the same step with the raw losses
 and against one batch holding all the images (model forward + backward + optimizer step).
 
-    python benchmarks/accumulation.py --device cuda
-    python benchmarks/accumulation.py --device cpu --size 256 --repeats 3
+    python -m benchmarks.accumulation --device cuda
+    python -m benchmarks.accumulation --device cpu --size 256 --repeats 3
 
 Prints the time per optimisation step of each setting and its ratio to raw with accumulation;
 settings are timed round-robin and the median is reported.
@@ -16,12 +16,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import main as detr_main  # noqa: E402
-import util.misc as utils  # noqa: E402
-from engine import MixedPrecision, train_step  # noqa: E402
-from models import build_model  # noqa: E402
+import main as detr_main
+import util.misc as utils
+from engine import MixedPrecision, train_step
+from models import build_model
 
 # name: (loss flags, images per micro-batch, micro-batches per step)
 SETTINGS = {

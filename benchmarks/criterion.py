@@ -1,7 +1,7 @@
 """Cost of the criterion + matcher, raw vs DAP, at the paper's batch scale (forward + backward).
 
-    python benchmarks/criterion.py --device cuda            # DETR and Deformable DETR scales
-    python benchmarks/criterion.py --device cpu --repeats 3
+    python -m benchmarks.criterion --device cuda            # DETR and Deformable DETR scales
+    python -m benchmarks.criterion --device cpu --repeats 3
 
 Only the loss side is timed (matching, loss, backward into the head outputs): the detector is
 the same under every loss. Prints the time per iteration of each setting, its ratio to raw,
@@ -15,10 +15,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import main as detr_main  # noqa: E402
-from models import build_model  # noqa: E402
+import main as detr_main
+from models import build_model
 
 SCALES = {
     # model: images, queries, classes (without background), decoder layers, boxes per image

@@ -3,7 +3,7 @@ pure-PyTorch path, at Deformable DETR's scale (batch 2, an 800x1333 image seen a
 8 heads of 32 channels, 4 points per level; 300 decoder queries, and one encoder query per
 position). Without a GPU only the PyTorch path is timed, at a small scale.
 
-    python benchmarks/ms_deform_attn.py [--iters 10]
+    python -m benchmarks.ms_deform_attn [--iters 10]
 """
 import argparse
 import math
@@ -14,10 +14,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.ops.functions import (  # noqa: E402
+from models.ops.functions import (
     MSDeformAttnFunction,
     ms_deform_attn_core_pytorch,
-    ms_deform_attn_func,  # noqa: E402
+    ms_deform_attn_func,
 )
 
 

@@ -119,15 +119,29 @@ def make_coco_transforms(image_set, input_scale=1.0):
     raise UserInputError(f"unknown image set {image_set!r}; expected 'train' or 'val'")
 
 
+def coco_files(args, image_set):
+    """(image folder, annotation file) of image_set under --coco_path, refused with one line when
+    the layout is not there."""
+    if args.coco_path is None:
+        raise UserInputError(f"--coco_path is not set; point it at a folder holding {LAYOUT}")
+    root = Path(args.coco_path)
+    if not root.is_dir():
+        raise UserInputError(f"--coco_path {root} is not a folder; expected one holding {LAYOUT}")
+    img_folder = root / f"{image_set}2017"
+    ann_file = root / "annotations" / f"instances_{image_set}2017.json"
+    if not img_folder.is_dir():
+        raise UserInputError(f"image folder {img_folder} does not exist; --coco_path must hold {LAYOUT}")
+    if not ann_file.is_file():
+        raise UserInputError(f"annotation file {ann_file} does not exist; --coco_path must hold {LAYOUT}")
+    return img_folder, ann_file
+
+
 @functools.lru_cache(maxsize=8)
 def _read_category_ids(ann_file):
     try:
         with open(ann_file) as f:
             categories = json.load(f)["categories"]
         return tuple(sorted({int(c["id"]) for c in categories}))
-    except FileNotFoundError:
-        raise UserInputError(f"annotation file {ann_file} does not exist; --coco_path must hold "
-                             "annotations/instances_val2017.json") from None
     except (ValueError, KeyError, TypeError) as e:
         raise UserInputError(f"annotation file {ann_file} has no valid 'categories' list "
                              f"({type(e).__name__}: {e})") from None
@@ -135,11 +149,12 @@ def _read_category_ids(ann_file):
 
 def category_ids(args):
     """The dataset's category ids, sorted (RT-DETR's label i is category_ids[i]); None without
-    --coco_path. Read from the validation annotation file (train and val share their categories)."""
+    --coco_path. Read from the validation annotation file (train and val share their categories)
+    once both splits were found."""
     if args.coco_path is None:
         return None
-    return _read_category_ids(str(Path(args.coco_path) / "annotations" / "instances_val2017.json"))
-
+    coco_files(args, "train")
+    return _read_category_ids(str(coco_files(args, "val")[1]))
 
 
 def make_transforms(pipeline, image_set, args):
@@ -155,17 +170,5 @@ def make_transforms(pipeline, image_set, args):
 
 
 def build(image_set, args, pipeline):
-    if args.coco_path is None:
-        raise UserInputError(f"--coco_path is not set; point it at a folder holding {LAYOUT}")
-    root = Path(args.coco_path)
-    if not root.is_dir():
-        raise UserInputError(f"--coco_path {root} is not a folder; expected one holding {LAYOUT}")
-    img_folder = root / f"{image_set}2017"
-    ann_file = root / "annotations" / f"instances_{image_set}2017.json"
-    if not img_folder.is_dir():
-        raise UserInputError(f"image folder {img_folder} does not exist; --coco_path must hold "
-                             f"{LAYOUT}")
-    if not ann_file.is_file():
-        raise UserInputError(f"annotation file {ann_file} does not exist; --coco_path must hold "
-                             f"{LAYOUT}")
+    img_folder, ann_file = coco_files(args, image_set)
     return CocoDetection(img_folder, ann_file, transforms=make_transforms(pipeline, image_set, args))

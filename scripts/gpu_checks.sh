@@ -35,7 +35,7 @@ step device "$PYTHON" -c "import torch; print(torch.__version__, torch.version.c
 step build env PYTHON="$PYTHON" bash models/ops/make.sh --inplace
 step test_ms_deform_attn "$PYTHON" -m pytest -q -rs tests/test_ms_deform_attn.py
 step test_engine "$PYTHON" -m pytest -q -rs tests/test_engine.py
-step bench_ms_deform_attn "$PYTHON" benchmarks/ms_deform_attn.py
-step bench_criterion "$PYTHON" benchmarks/criterion.py --device cuda --models detr deformable_detr
-step bench_accumulation "$PYTHON" benchmarks/accumulation.py --device cuda
+step bench_ms_deform_attn "$PYTHON" -m benchmarks.ms_deform_attn
+step bench_criterion "$PYTHON" -m benchmarks.criterion --device cuda --models detr deformable_detr
+step bench_accumulation "$PYTHON" -m benchmarks.accumulation --device cuda
 exit $failed

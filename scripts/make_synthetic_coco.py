@@ -1,17 +1,14 @@
 """Write a synthetic COCO-format shapes dataset (see datasets/synthetic.py for what it holds).
 
-    python scripts/make_synthetic_coco.py --out data/shapes --num_train 200 --num_val 50
+    python -m scripts.make_synthetic_coco --out data/shapes --num_train 200 --num_val 50
     python main.py --coco_path data/shapes --num_classes 10 ...
 """
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from datasets.synthetic import make_synthetic_coco  # noqa: E402
+from datasets.synthetic import make_synthetic_coco
 
 
 def main():

@@ -1,8 +1,8 @@
 """CPU mini-study of the paper's claim: fine-tuning with DAP-loss vs the raw DETR losses.
 
-    python scripts/mini_study.py            # whole study: about 25 min on 2 shared CPU cores
-    python scripts/mini_study.py --quick    # DETR only, one seed, no ablations: about 2-3 min (the README demo)
-    python scripts/mini_study.py --smoke    # a handful of tiny images: seconds (what the tests run)
+    python -m scripts.mini_study            # whole study: about 25 min on 2 shared CPU cores
+    python -m scripts.mini_study --quick    # DETR only, one seed, no ablations: about 2-3 min (the README demo)
+    python -m scripts.mini_study --smoke    # a handful of tiny images: seconds (what the tests run)
 
 1. generate a synthetic COCO-format dataset (datasets/synthetic.py);
 2. pretrain each tiny detector (DETR, Deformable DETR) with the raw losses;
@@ -28,15 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
+import main as detr_main
+from datasets.synthetic import make_synthetic_coco
+from util.errors import UserInputError
+from util.plot_utils import plot_logs, plot_precision_recall, read_log
 
-import main as detr_main  # noqa: E402
-from datasets.synthetic import make_synthetic_coco  # noqa: E402
-from util.errors import UserInputError  # noqa: E402
-from util.plot_utils import plot_logs, plot_precision_recall, read_log  # noqa: E402
 
 COCO_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -419,7 +417,7 @@ def main():
         raise UserInputError(f"{out} holds a study on other data ({(out / 'data.json').read_text()}); "
                              f"pass another --out or delete that folder")
     (out / "data.json").write_text(settings)
-    command = "python scripts/mini_study.py " + " ".join(sys.argv[1:])
+    command = "python -m scripts.mini_study " + " ".join(sys.argv[1:])
     timings = {"jobs": opts.jobs, "threads": opts.threads}
 
     start = time.time()

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import main as detr_main
+from run_with_submitit import continue_in_output_dir, get_launcher_parser
+from util.errors import UserInputError
 
-import main as detr_main  # noqa: E402
-from run_with_submitit import continue_in_output_dir, get_launcher_parser  # noqa: E402
-from util.errors import UserInputError  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 LAUNCH_KEYS = {"max_batch_per_gpu"}
 # Set by this script from its own options, never by a config.

@@ -1,7 +1,7 @@
 """Print the paper's tables in Markdown with the numbers measured in the output folders of
 scripts/reproduce.py beside them.
 
-    python scripts/table1.py --output_root outputs [--configs configs]
+    python -m scripts.table1 --output_root outputs [--configs configs]
 
 A row's numbers come from <output_root>/<config name>/eval_stats.json (main.py --eval) or else
 from the last epoch in its log.txt; a row whose folder does not exist is marked "not run", and
@@ -12,12 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-from reproduce import load_config, sweep_points
+from scripts.reproduce import load_config, sweep_points
 
 METRICS = ("AP", "AP50", "AP75")  # the first three of COCOeval's 12 numbers
 
 # (row, config name, reference AP/AP50/AP75 or None). The reference is the paper's number
-# (DAP_SPEC section 5), or, for a released checkpoint, the number published with it.
+# (its section 5), or, for a released checkpoint, the number published with it.
 TABLES = {
     "Table 1: fine-tuning the released checkpoints (COCO val2017)": [
         ("DETR R50, released checkpoint", "detr_r50_eval", (42.0, 62.4, None)),
@@ -112,13 +112,13 @@ def tables(output_root, configs):
         for point, flags in sweep_points(load_config(path)):
             numbers, status = measured(output_root / name / point, flags.get("epochs"))
             rows.append((point, numbers, (None,) * len(METRICS), status))
-        out.append(markdown(f"Ablation `{name}` (paper's numbers not in our spec)", rows))
+        out.append(markdown(f"Ablation `{name}` (paper's numbers not available to us)", rows))
     return "\n\n".join(out) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_root", default="outputs", help="the --output_root of scripts/reproduce.py")
+    parser.add_argument("--output_root", default="outputs", help="the --output_root of scripts/reproduce.sh")
     parser.add_argument("--configs", default=str(Path(__file__).resolve().parent.parent / "configs"))
     args = parser.parse_args(argv)
     sys.stdout.write(tables(args.output_root, args.configs))

@@ -1,5 +1,5 @@
-"""DAP functional core against a brute-force float64 reference written from DAP_SPEC section 1,
-and the plumbing that feeds it from a detector (DAP_SPEC sections 3 and 4)."""
+"""DAP functional core against a brute-force float64 reference written from docs/DAP.md (sections 3-4),
+and the plumbing that feeds it from a detector (docs/DAP.md, section 5)."""
 import argparse
 import math
 

@@ -1,4 +1,4 @@
-"""Global-batch DAP (spec section 4) under data parallelism and gradient accumulation: 2 gloo
+"""Global-batch DAP (docs/DAP.md, section 5) under data parallelism and gradient accumulation: 2 gloo
 processes with 4 images each, 1 process with 2 accumulated micro-batches of 4, or 2 x 2 x 2 give
 the same losses as one process with the same 8 images, and gradients that, after DDP's average
 over processes, are those of the single batch."""

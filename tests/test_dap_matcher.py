@@ -98,7 +98,7 @@ def test_dtype_and_empty_targets():
 # ---------------------------------------------------------------- DAPMatcher
 
 def spec_cost(s, u, prec, sigma):
-    """Eq. 11 written out from DAP_SPEC: Phi by math.erf, L̂_i by finding u's segment by hand."""
+    """Eq. 11 written out from its definition (docs/DAP.md): Phi by math.erf, L̂_i by finding u's segment by hand."""
     def big_phi(z):
         return 0.5 * (1 + math.erf(z / math.sqrt(2)))
 
@@ -176,7 +176,7 @@ def test_matcher_minimises_the_spec_cost(mode, seed):
     check_is_assignment(indices, targets, 7)
     for (src, tgt), cost in zip(indices, spec_cost_matrices(outputs, targets, matcher.precision.tolist(), sigma)):
         best = cost[linear_sum_assignment(cost)].sum()
-        # Ties aside, the matcher's assignment is optimal for the spec's cost.
+        # Ties aside, the matcher's assignment is optimal for the cost of Eq. 11.
         assert cost[src.numpy(), tgt.numpy()].sum() == pytest.approx(best, abs=1e-5)
 
 
@@ -264,7 +264,7 @@ def test_criterion_feeds_the_final_layer_precision_to_the_matcher_in_training_on
 
 
 def test_every_layer_of_an_iteration_is_matched_with_the_same_table():
-    """The table is an average over earlier iterations (DAP_SPEC 2): the auxiliary layers of an
+    """The table is an average over earlier iterations (docs/DAP.md, section 4): the auxiliary layers of an
     iteration must not be matched with a table that already holds this iteration's precision."""
     criterion = build_criterion("--dap_cost_mode", "momentum", "--dap_momentum", "0.5")
     matcher, seen = criterion.matcher, []

@@ -138,9 +138,8 @@ def test_generator_rejects_bad_arguments(tmp_path):
 
 
 def run_cli(monkeypatch, *argv):
-    script = REPO / "scripts" / "make_synthetic_coco.py"
-    monkeypatch.setattr(sys, "argv", [str(script), *argv])
-    runpy.run_path(str(script), run_name="__main__")
+    monkeypatch.setattr(sys, "argv", ["make_synthetic_coco", *argv])
+    runpy.run_module("scripts.make_synthetic_coco", run_name="__main__")
 
 
 def test_cli(tmp_path, monkeypatch, capsys):

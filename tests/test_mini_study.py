@@ -1,4 +1,4 @@
-"""scripts/mini_study.py: the --smoke path end to end (every arm evaluated, every plot a PNG),
+"""scripts/mini_study.py (python -m scripts.mini_study): the --smoke path end to end (every arm evaluated, every plot a PNG),
 reruns with the same seed are identical, and the tables' arithmetic."""
 import json
 import sys
@@ -7,10 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import mini_study  # noqa: E402
+from scripts import mini_study
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,15 @@ import sys
 import pytest
 
 import main as detr_main
+from scripts import reproduce, table1
 from util.errors import UserInputError
 
 from conftest import REPO, TINY_DETR_FLAGS
 
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-import reproduce  # noqa: E402
-import table1  # noqa: E402
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.toml")))
 NAMES = [os.path.basename(p)[:-len(".toml")] for p in CONFIGS]
-# The paper's total batch (DAP_SPEC section 5) and the baseline learning rates (upstream).
+# The paper's total batch (the paper's experiments section) and the baseline learning rates (upstream).
 TOTAL_BATCH = {("detr", "resnet50"): 56, ("detr", "resnet101"): 40, ("deformable_detr", "resnet50"): 24,
                ("rtdetr", "presnet50vd"): 56}
 BASELINE_LR = {"detr": (1e-4, 1e-5), "deformable_detr": (2e-4, 2e-5), "rtdetr": (1e-4, 1e-5)}

@@ -113,7 +113,7 @@ def init_distributed_mode(args):
         args.rank = int(os.environ["RANK"])
         args.world_size = int(os.environ["WORLD_SIZE"])
         args.gpu = int(os.environ.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in os.environ and getattr(args, "world_size", 1) > 1:
+    elif "SLURM_PROCID" in os.environ and args.world_size > 1:
         args.rank = int(os.environ["SLURM_PROCID"])
         args.gpu = args.rank % max(torch.cuda.device_count(), 1)
     else:

@@ -1,0 +1,1 @@
+"""Speed and memory measurements; run them from the repository root as modules (python -m benchmarks.NAME)."""

@@ -1,0 +1,1 @@
+"""Command-line tools around main.py; run them from the repository root as modules (python -m scripts.NAME)."""
