@@ -9,9 +9,7 @@ Prints the time per optimisation step of each setting and its ratio to raw with 
 settings are timed round-robin and the median is reported.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch

@@ -8,9 +8,7 @@ the same under every loss. Prints the time per iteration of each setting, its ra
 and the peak memory on CUDA. Settings are timed round-robin and the median is reported.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch

@@ -5,7 +5,6 @@
 """
 import argparse
 import json
-import os
 import time
 
 from datasets.synthetic import make_synthetic_coco

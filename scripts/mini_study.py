@@ -35,7 +35,6 @@ from datasets.synthetic import make_synthetic_coco
 from util.errors import UserInputError
 from util.plot_utils import plot_logs, plot_precision_recall, read_log
 
-
 COCO_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 # Tiny detectors: a ResNet-18 from scratch (no weights can be downloaded), a 64-wide transformer

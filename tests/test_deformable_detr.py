@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
+from test_detr import expected_detr_state_dict
 from test_matcher import brute_force_min, random_boxes, reference_cost
-from test_models import expected_detr_state_dict
 
 import main as detr_main
 from models import build_model

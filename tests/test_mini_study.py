@@ -1,8 +1,7 @@
-"""scripts/mini_study.py (python -m scripts.mini_study): the --smoke path end to end (every arm evaluated, every plot a PNG),
-reruns with the same seed are identical, and the tables' arithmetic."""
+"""scripts/mini_study.py (python -m scripts.mini_study): the --smoke path end to end (every arm
+evaluated, every plot a PNG), reruns with the same seed are identical, and the tables' arithmetic."""
 import json
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image

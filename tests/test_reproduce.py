@@ -6,7 +6,6 @@ import argparse
 import glob
 import json
 import os
-import sys
 
 import pytest
 
@@ -15,7 +14,6 @@ from scripts import reproduce, table1
 from util.errors import UserInputError
 
 from conftest import REPO, TINY_DETR_FLAGS
-
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.toml")))
 NAMES = [os.path.basename(p)[:-len(".toml")] for p in CONFIGS]
