@@ -2,7 +2,7 @@
 DAP-loss on a detector's outputs (docs/DAP.md): which detections are the positives and the
 negatives of one layer, their scores and IoUs, and how the soft counts are summed over processes
 and over the micro-batches of an accumulated step. The mathematics is models.dap_functional;
-models.set_criterion.SetCriterion calls DAPLoss on every layer that --loss gives a DAP term.
+models.set_criterion.BaseSetCriterion calls DAPLoss on every layer that --loss gives a DAP term.
 """
 from typing import NamedTuple
 

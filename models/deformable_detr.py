@@ -17,7 +17,7 @@ from .deformable_transformer import build_deformable_transformer
 from .family import DetectorFamily, num_classes_for, param_groups_by_name
 from .layers import MLP, get_clones
 from .postprocess import TopKPostProcess
-from .set_criterion import BaseSetCriterion, Layer, build_criterion, loss_choice, sigmoid_focal_loss, with_aux_weights
+from .set_criterion import BaseSetCriterion, Layer, build_criterion, set_losses, sigmoid_focal_loss, with_aux_weights
 
 
 class DeformableDETR(nn.Module):
@@ -187,15 +187,11 @@ def build(args, category_ids):
                            num_feature_levels=args.num_feature_levels, aux_loss=args.aux_loss,
                            with_box_refine=args.with_box_refine, two_stage=args.two_stage)
 
-    with_raw, with_dap = loss_choice(args)
-    weights = {**({"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
-                  if with_raw else {}),
-               **({"loss_dap": args.dap_loss_coef} if with_dap else {})}
+    losses, weights = set_losses(args)
     suffixes = [f"_{i}" for i in range(args.dec_layers - 1 if args.aux_loss else 0)]
     criterion = build_criterion(
         args, SetCriterion, activation="sigmoid", num_classes=num_classes, focal_alpha=args.focal_alpha,
-        weight_dict=with_aux_weights(weights, suffixes + (["_enc"] if args.two_stage else [])),
-        losses=(["labels", "boxes"] if with_raw else []) + (["dap"] if with_dap else []) + ["cardinality"])
+        weight_dict=with_aux_weights(weights, suffixes + (["_enc"] if args.two_stage else [])), losses=losses)
     return model, criterion, {"bbox": TopKPostProcess(num_select=100)}
 
 

@@ -9,7 +9,7 @@ from .backbone import build_backbone
 from .family import DetectorFamily, num_classes_for, param_groups_by_name
 from .layers import MLP
 from .postprocess import PostProcess
-from .set_criterion import BaseSetCriterion, build_criterion, loss_choice, with_aux_weights
+from .set_criterion import BaseSetCriterion, build_criterion, set_losses, with_aux_weights
 from .transformer import build_transformer
 
 
@@ -98,15 +98,11 @@ def build(args, category_ids):
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
                  aux_loss=args.aux_loss)
 
-    with_raw, with_dap = loss_choice(args)
-    weights = {**({"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
-                  if with_raw else {}),
-               **({"loss_dap": args.dap_loss_coef} if with_dap else {})}
+    losses, weights = set_losses(args)
     num_aux_layers = args.dec_layers - 1 if args.aux_loss else 0
     criterion = build_criterion(
         args, SetCriterion, activation="softmax", num_classes=num_classes, eos_coef=args.eos_coef,
-        weight_dict=with_aux_weights(weights, [f"_{i}" for i in range(num_aux_layers)]),
-        losses=(["labels", "boxes"] if with_raw else []) + (["dap"] if with_dap else []) + ["cardinality"])
+        weight_dict=with_aux_weights(weights, [f"_{i}" for i in range(num_aux_layers)]), losses=losses)
     return model, criterion, {"bbox": PostProcess()}
 
 

@@ -268,6 +268,18 @@ def loss_choice(args):
     return args.loss in ("raw", "raw+dap"), args.loss in ("dap", "raw+dap")
 
 
+def set_losses(args):
+    """DETR's and Deformable DETR's criteria under --loss: (loss names, final-layer weights).
+    'labels' (classification) and 'boxes' (L1, GIoU) are the upstream losses, 'dap' DAP-loss;
+    'cardinality' is logged under every --loss."""
+    with_raw, with_dap = loss_choice(args)
+    names = (["labels", "boxes"] if with_raw else []) + (["dap"] if with_dap else []) + ["cardinality"]
+    weights = {**({"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+                  if with_raw else {}),
+               **({"loss_dap": args.dap_loss_coef} if with_dap else {})}
+    return names, weights
+
+
 def build_matcher(args, activation):
     """--matcher: the upstream Hungarian cost, or the AP cost of Eq. 11. activation: how the head
     scores classes, 'softmax' (DETR) or 'sigmoid' (focal heads)."""

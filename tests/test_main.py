@@ -2,6 +2,7 @@
 the synthetic dataset: train -> checkpoint -> resume -> evaluate, fine-tuning from a checkpoint,
 bad input, and 2-process gloo training against 1 process."""
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -312,3 +313,25 @@ def test_backbone_norm_batch_trains_the_norms(synthetic_coco):
     assert norms and body.layer2[0].bn1.weight.requires_grad and not body.bn1.weight.requires_grad
     frozen = detr_main.build_model(parse(data_flags(synthetic_coco)))[0]
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.backbone[0].body.modules())
+
+
+def test_a_new_family_is_its_recipe_and_a_registry_entry(synthetic_coco, tmp_path, monkeypatch):
+    """What ARCHITECTURE.md promises: a family registered in models.FAMILIES gets its defaults
+    from the parser and runs through main.py, with nothing else to change."""
+    seen = []
+
+    def param_groups(model, args):
+        seen.append(args.model)
+        return FAMILIES["detr"].param_groups(model, args)
+
+    small = dataclasses.replace(FAMILIES["detr"], name="small_detr", param_groups=param_groups,
+                                defaults={"num_queries": 7, "eos_coef": 0.5})
+    monkeypatch.setitem(FAMILIES, "small_detr", small)
+    args = parse(["--model", "small_detr"])
+    assert (args.num_queries, args.eos_coef, args.lr) == (7, 0.5, 1e-4)
+    assert parse([]).num_queries == 100
+    flags = data_flags(synthetic_coco)
+    del flags[flags.index("--num_queries"):flags.index("--num_queries") + 2]  # the family's 7
+    stats = run(flags + ["--model", "small_detr", "--epochs", "1", "--output_dir", str(tmp_path)])
+    assert seen == ["small_detr"] and len(stats["test_coco_eval_bbox"]) == 12
+    assert load_checkpoint(str(tmp_path / "checkpoint.pth"))["model"]["query_embed.weight"].shape[0] == 7
