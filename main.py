@@ -12,6 +12,7 @@ import argparse
 import datetime
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from datasets import build_data_loaders, build_dataset, category_ids, get_coco_a
 from engine import MixedPrecision, evaluate, train_one_epoch
 from models import DEFAULT_FAMILY, FAMILIES, build_model
 from models.ema import ModelEMA
+from models.family import DetectorFamily
 from util.args import SelectFamily, add_unsupported_upstream_flags, set_family_defaults
 from util.checkpoint import (
     fit_state_dict,
@@ -230,16 +232,47 @@ def restore(args, finetune, resume, model, criterion, optimizer, lr_scheduler, a
             drop_log_lines_from(Path(args.output_dir) / log_name, args.start_epoch)
 
 
-def main(args):
+@dataclass
+class Run:
+    """What main builds once and every epoch uses."""
+    family: DetectorFamily
+    device: torch.device
+    model: torch.nn.Module  # what the training loop calls: DDP-wrapped under torchrun
+    model_without_ddp: torch.nn.Module
+    criterion: torch.nn.Module
+    postprocessors: dict
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    amp: MixedPrecision
+    ema: ModelEMA | None
+
+    @property
+    def n_parameters(self):
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    @property
+    def eval_model(self):
+        return self.ema.module if self.ema is not None else self.model
+
+    def checkpoint_state(self, epoch, args):
+        return (self.model_without_ddp, self.criterion.matcher, self.optimizer, self.lr_scheduler, epoch, args,
+                self.ema, self.amp.scaler)
+
+
+def setup(args):
+    """Check the flags, join the process group, fix the batch, seed. Returns the device."""
     check_args(args)
     utils.init_distributed_mode(args)
     set_batch_size(args)
     print(utils.get_sha())
     print(args)
-    device = torch.device(args.device)
     # A different seed per rank, so the data augmentations differ across processes.
     utils.seed_everything(args.seed, utils.get_rank())
+    return torch.device(args.device)
 
+
+def build_run(args, device):
+    """The family's model, criterion and optimizer, restored from --finetune / --resume."""
     # Checkpoints first, data second: a bad checkpoint fails before anything reads the dataset.
     finetune = load_checkpoint(args.finetune) if args.finetune else None
     resume = load_checkpoint(args.resume) if args.resume else None
@@ -249,8 +282,6 @@ def main(args):
     model = wrap_for_processes(model_without_ddp, family, args)
     if args.distributed:
         model_without_ddp = model.module
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print("number of params:", n_parameters)
     optimizer, lr_scheduler = build_optimizer(family.param_groups(model_without_ddp, args), args)
     amp = MixedPrecision(device, args.amp)
     restore(args, finetune, resume, model_without_ddp, criterion, optimizer, lr_scheduler, amp)
@@ -258,26 +289,33 @@ def main(args):
     ema = ModelEMA(model_without_ddp, args.ema_decay, args.ema_warmups) if args.ema else None
     if ema is not None and resume is not None and "ema" in resume:
         ema.load_state_dict(resume["ema"])
-    del finetune, resume
-    eval_model = ema.module if ema is not None else model
+    run = Run(family, device, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, amp, ema)
+    print("number of params:", run.n_parameters)
+    return run
 
-    dataset_train = build_dataset("train", args, family.data_pipeline)
-    dataset_val = build_dataset("val", args, family.data_pipeline)
-    sampler_train, data_loader_train, data_loader_val = build_data_loaders(dataset_train, dataset_val, args)
-    base_ds = get_coco_api_from_dataset(dataset_val)
-    output_dir = Path(args.output_dir) if args.output_dir else None
 
-    if args.eval:
-        test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds,
-                                              device, print_freq=args.print_freq)
-        if output_dir:
-            save_coco_eval(coco_evaluator, output_dir / "eval.pth")
-            if utils.is_main_process():
-                write_json(output_dir / "eval_stats.json", {f"test_{k}": v for k, v in test_stats.items()})
-        return test_stats
+def save_epoch(output_dir, epoch, log_stats, coco_evaluator, run, args):
+    """log.txt, the evaluation arrays and the checkpoints of one epoch. Log, then checkpoint: a
+    job stopped in between redoes this epoch after --resume (which drops the log lines of epochs
+    it will redo) instead of never logging it."""
+    if utils.is_main_process():
+        append_log(output_dir / "log.txt", log_stats)
+        (output_dir / "eval").mkdir(exist_ok=True)
+        save_coco_eval(coco_evaluator, output_dir / "eval" / "latest.pth")
+        if epoch % 50 == 49:
+            save_coco_eval(coco_evaluator, output_dir / "eval" / f"{epoch:03}.pth")
+    state = run.checkpoint_state(epoch, args)
+    save_checkpoint(output_dir / "checkpoint.pth", *state)
+    # Extra copies before each learning-rate drop and every checkpoint_period epochs, as upstream.
+    if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.checkpoint_period == 0:
+        save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", *state)
 
+
+def train(args, run, sampler_train, data_loader_train, data_loader_val, base_ds, output_dir):
+    """Epochs --start_epoch..--epochs: train, evaluate, log, checkpoint. Returns the last log line."""
     print("Start training")
     start_time = time.time()
+    n_parameters = run.n_parameters
     log_stats = {}
     for epoch in range(args.start_epoch, args.epochs):
         utils.seed_everything(args.seed, utils.get_rank(), epoch)
@@ -285,34 +323,40 @@ def main(args):
             sampler_train.set_epoch(epoch)
         iteration_log = (output_dir / "iterations.jsonl"
                          if args.log_iterations and output_dir and utils.is_main_process() else None)
-        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
+        train_stats = train_one_epoch(run.model, run.criterion, data_loader_train, run.optimizer, run.device, epoch,
                                       args.clip_max_norm, print_freq=args.print_freq, accum_iter=args.accum_iter,
-                                      ema=ema, iteration_log=iteration_log, amp=amp)
-        lr_scheduler.step()
+                                      ema=run.ema, iteration_log=iteration_log, amp=run.amp)
+        run.lr_scheduler.step()
 
-        test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds,
-                                              device, print_freq=args.print_freq)
+        test_stats, coco_evaluator = evaluate(run.eval_model, run.criterion, run.postprocessors, data_loader_val,
+                                              base_ds, run.device, print_freq=args.print_freq)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},
                      "epoch": epoch, "n_parameters": n_parameters}
-        if output_dir is None:
-            continue
-        # Log, then checkpoint: a job stopped in between redoes this epoch after --resume (which
-        # drops the log lines of epochs it will redo) instead of never logging it.
-        if utils.is_main_process():
-            append_log(output_dir / "log.txt", log_stats)
-            (output_dir / "eval").mkdir(exist_ok=True)
-            save_coco_eval(coco_evaluator, output_dir / "eval" / "latest.pth")
-            if epoch % 50 == 49:
-                save_coco_eval(coco_evaluator, output_dir / "eval" / f"{epoch:03}.pth")
-        state = (model_without_ddp, criterion.matcher, optimizer, lr_scheduler, epoch, args, ema, amp.scaler)
-        save_checkpoint(output_dir / "checkpoint.pth", *state)
-        # Extra copies before each learning-rate drop and every checkpoint_period epochs, as upstream.
-        if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.checkpoint_period == 0:
-            save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", *state)
-
+        if output_dir is not None:
+            save_epoch(output_dir, epoch, log_stats, coco_evaluator, run, args)
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return log_stats
+
+
+def main(args):
+    device = setup(args)
+    run = build_run(args, device)
+    dataset_train = build_dataset("train", args, run.family.data_pipeline)
+    dataset_val = build_dataset("val", args, run.family.data_pipeline)
+    sampler_train, data_loader_train, data_loader_val = build_data_loaders(dataset_train, dataset_val, args)
+    base_ds = get_coco_api_from_dataset(dataset_val)
+    output_dir = Path(args.output_dir) if args.output_dir else None
+
+    if not args.eval:
+        return train(args, run, sampler_train, data_loader_train, data_loader_val, base_ds, output_dir)
+    test_stats, coco_evaluator = evaluate(run.eval_model, run.criterion, run.postprocessors, data_loader_val,
+                                          base_ds, device, print_freq=args.print_freq)
+    if output_dir:
+        save_coco_eval(coco_evaluator, output_dir / "eval.pth")
+        if utils.is_main_process():
+            write_json(output_dir / "eval_stats.json", {f"test_{k}": v for k, v in test_stats.items()})
+    return test_stats
 
 
 def run_cli(argv=None):

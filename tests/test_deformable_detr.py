@@ -37,7 +37,7 @@ def tiny(variant, *flags, levels=2):
 # ----------------------------------------------------------------------------- state dict
 
 def expected_deformable_state_dict(levels, refine=False, two_stage=False):
-    """Key -> shape of a released Deformable DETR R50 checkpoint (UPSTREAM_FACTS 2.8, section 5)."""
+    """Key -> shape of a released Deformable DETR R50 checkpoint."""
     hidden, ffn, heads, points, layers, queries, classes = 256, 1024, 8, 4, 6, 300, 91
     sd = {k: v for k, v in expected_detr_state_dict(6).items() if k.startswith("backbone.0.")}
 

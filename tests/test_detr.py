@@ -19,7 +19,7 @@ from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 
 def make_args(**overrides):
-    """main.py's defaults (upstream's, UPSTREAM_FACTS 1.2) on CPU, without ImageNet weights."""
+    """main.py's defaults (upstream DETR's) on CPU, without ImageNet weights."""
     args = main.get_args_parser().parse_args([])
     vars(args).update(device="cpu", pretrained_backbone=False, **overrides)
     return args
@@ -34,7 +34,7 @@ def tiny_args(**overrides):
 
 def expected_detr_state_dict(blocks_layer3, hidden=256, ffn=2048, enc=6, dec=6, queries=100,
                              num_classes=91, learned_pos=False, pre_norm=False):
-    """Key -> shape of a released DETR checkpoint, written out from UPSTREAM_FACTS 1.15."""
+    """Key -> shape of a released DETR checkpoint, written out from the released files' key lists."""
     sd = {}
 
     def fbn(prefix, n):

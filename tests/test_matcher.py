@@ -16,7 +16,7 @@ def random_boxes(n, generator):
 
 
 def reference_cost(logits, pred_boxes, labels, tgt_boxes, w_class, w_bbox, w_giou):
-    """The matching cost of UPSTREAM_FACTS 1.6, one pair at a time in float64."""
+    """Upstream DETR's matching cost, one pair at a time in float64."""
     def xyxy(b):
         cx, cy, w, h = (float(v) for v in b)
         return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2

@@ -1,5 +1,5 @@
 """RT-DETR (models/rtdetr.py): state-dict compatibility with the released R50 checkpoint
-(UPSTREAM_FACTS 3.7), the backbone presets, the multi-scale training input, the varifocal /
+(rtdetr_r50vd_6x_coco_from_paddle.pth), the backbone presets, the multi-scale training input, the varifocal /
 focal losses and the matcher against hand computations, the loss / flag combinations, the
 parameter groups, post-processing to category ids, and training end to end on the synthetic
 dataset. Its parts have their own files: test_presnet, test_hybrid_encoder, test_rtdetr_decoder,
@@ -31,7 +31,7 @@ from conftest import TINY_RTDETR_FLAGS, build_rtdetr, parse, rtdetr_args, rtdetr
 
 def expected_r50_state_dict():
     """Key -> shape of rtdetr_r50vd_6x_coco_from_paddle.pth ['ema']['module'], written out from
-    UPSTREAM_FACTS 3.7."""
+    the released file's key list."""
     sd = {}
 
     def norm(prefix, c, tracked):

@@ -48,7 +48,7 @@ def make_outputs(seed):
 
 
 def reference_losses(outputs, targets, indices, num_boxes):
-    """Every loss of UPSTREAM_FACTS 1.5, written out with Python scalars."""
+    """Every loss of upstream DETR's criterion, written out with Python scalars."""
     logits = outputs["pred_logits"].tolist()
     boxes = outputs["pred_boxes"].tolist()
     matched = {(b, q): t for b, (src, tgt) in enumerate(indices) for q, t in zip(src, tgt)}
