@@ -2,13 +2,13 @@
 import contextlib
 import json
 import math
-import sys
 
 import torch
 
 import util.misc as utils
 from datasets.coco_eval import CocoEvaluator
 from models.set_criterion import StepContext
+from util.errors import TrainingDiverged
 
 
 def weighted_loss(loss_dict, weight_dict):
@@ -94,7 +94,10 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     with open(iteration_log, "a") if iteration_log else contextlib.nullcontext() as log_file:
         steps = metric_logger.log_every(AccumulationSteps(data_loader, accum_iter), print_freq, header)
         for step_index, step in enumerate(steps):
-            step_values = train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp)
+            try:
+                step_values = train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp)
+            except TrainingDiverged as err:
+                raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step_index}: {err}") from None
             if ema is not None:
                 ema.update(model)
             if log_file is not None:
@@ -145,23 +148,29 @@ def train_step(model, criterion, step, optimizer, device, max_norm, metric_logge
                 utils.set_rng_state(rng_states[i])
             with amp.autocast():
                 outputs = model(samples.to(device), targets)
-            loss_dict = criterion(amp.float32(outputs), targets, StepContext(step_targets, i, counted))
+            outputs = amp.float32(outputs)
+            # Non-finite predictions (weights or activations overflowed) would fail in the
+            # matcher or the box losses with an unrelated message.
+            if not utils.all_finite(outputs):
+                raise TrainingDiverged(f"the model's predictions are not finite (micro-batch {i})")
+            loss_dict = criterion(outputs, targets, StepContext(step_targets, i, counted))
             losses = weighted_loss(loss_dict, criterion.weight_dict)
             amp.scaler.scale(losses / len(step)).backward()
 
         loss_value, log_values = loss_log_values(loss_dict, criterion.weight_dict)
         loss_value = float(loss_value)
         if not math.isfinite(loss_value):
-            # stderr directly: on ranks other than 0, print() is silenced.
-            sys.stderr.write(f"Loss is {loss_value}, stopping training; loss terms: "
-                             f"{ {k: float(v) for k, v in log_values.items()} }\n")
-            sys.exit(1)
+            terms = ", ".join(f"{k} {float(v):.4g}" for k, v in log_values.items() if not k.endswith("_unscaled"))
+            raise TrainingDiverged(f"the loss is {loss_value} (micro-batch {i}); terms: {terms}")
         metric_logger.update(loss=loss_value, **log_values)
         step_values.append({"loss": loss_value, **{k: float(v) for k, v in log_values.items()}})
 
-    if max_norm > 0:
-        amp.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    amp.scaler.unscale_(optimizer)  # clip and check the true gradients, not the scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    # With a GradScaler (float16) an overflow is expected now and then: the scaler skips the step
+    # and lowers the scale. Anywhere else a non-finite gradient means training diverged.
+    if not amp.scaler.is_enabled() and not torch.isfinite(grad_norm):
+        raise TrainingDiverged(f"the gradient norm is {float(grad_norm)}; loss {step_values[-1]['loss']:.4g}")
     amp.scaler.step(optimizer)  # skipped (and the scale lowered) if a gradient overflowed
     amp.scaler.update()
     metric_logger.update(lr=optimizer.param_groups[0]["lr"])

@@ -9,7 +9,10 @@ What depends on the detector family (--model) is its recipe, models/<family>.py'
 file only runs it. docs/ARCHITECTURE.md describes the layout and a training step.
 """
 import argparse
+import contextlib
 import datetime
+import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +26,19 @@ from engine import MixedPrecision, evaluate, train_one_epoch
 from models import DEFAULT_FAMILY, FAMILIES, build_model
 from models.ema import ModelEMA
 from models.family import DetectorFamily
-from util.args import SelectFamily, add_unsupported_upstream_flags, set_family_defaults
+from util.args import (
+    OneLineParser,
+    SelectFamily,
+    add_unsupported_upstream_flags,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability_below_1,
+    seed_int,
+    set_family_defaults,
+    unit_interval,
+)
 from util.checkpoint import (
     fit_state_dict,
     load_checkpoint,
@@ -31,8 +46,9 @@ from util.checkpoint import (
     restore_matcher,
     save_checkpoint,
 )
-from util.errors import UserInputError
+from util.errors import TrainingDiverged, UserInputError
 from util.logs import append_log, drop_log_lines_from, save_coco_eval, write_json
+from util.output_dir import prepare_output_dir
 
 
 def get_args_parser():
@@ -42,24 +58,28 @@ def get_args_parser():
     parser = argparse.ArgumentParser("Set transformer detector", add_help=False)
     family = parser.add_argument("--model", action=SelectFamily, default=DEFAULT_FAMILY, choices=sorted(FAMILIES),
                                  help="detector family; sets the defaults that differ between families")
-    parser.add_argument("--lr", default=1e-4, type=float)
-    parser.add_argument("--lr_backbone", default=1e-5, type=float, help="backbone learning rate; 0 freezes it")
+    parser.add_argument("--lr", default=1e-4, type=non_negative_float)
+    parser.add_argument("--lr_backbone", default=1e-5, type=non_negative_float,
+                        help="backbone learning rate; 0 freezes it")
     parser.add_argument("--lr_backbone_names", default=["backbone"], type=str, nargs="+",
                         help="parameters whose name contains one of these get --lr_backbone")
-    parser.add_argument("--batch_size", default=2, type=int, help="images per process (per GPU) and micro-batch")
-    parser.add_argument("--accum_iter", default=1, type=int, help="micro-batches accumulated per optimizer step")
-    parser.add_argument("--total_batch_size", default=0, type=int,
+    parser.add_argument("--batch_size", default=2, type=positive_int,
+                        help="images per process (per GPU) and micro-batch")
+    parser.add_argument("--accum_iter", default=1, type=positive_int,
+                        help="micro-batches accumulated per optimizer step")
+    parser.add_argument("--total_batch_size", default=0, type=non_negative_int,
                         help="images per optimizer step over all processes; when set, --batch_size is derived from it")
-    parser.add_argument("--weight_decay", default=1e-4, type=float)
-    parser.add_argument("--epochs", default=300, type=int)
-    parser.add_argument("--lr_drop", default=200, type=int, help="StepLR step (epochs), gamma 0.1")
+    parser.add_argument("--weight_decay", default=1e-4, type=non_negative_float)
+    parser.add_argument("--epochs", default=300, type=positive_int)
+    parser.add_argument("--lr_drop", default=200, type=positive_int, help="StepLR step (epochs), gamma 0.1")
     parser.add_argument("--sgd", action="store_true", help="SGD (momentum 0.9) instead of AdamW")
-    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm; 0 disables")
+    parser.add_argument("--clip_max_norm", default=0.1, type=non_negative_float,
+                        help="gradient clipping max norm; 0 disables")
     parser.add_argument("--ema", dest="ema", action="store_true", default=False,
                         help="evaluate and save an exponential moving average of the weights")
     parser.add_argument("--no_ema", dest="ema", action="store_false")
-    parser.add_argument("--ema_decay", default=0.9999, type=float)
-    parser.add_argument("--ema_warmups", default=2000, type=int,
+    parser.add_argument("--ema_decay", default=0.9999, type=probability_below_1)
+    parser.add_argument("--ema_warmups", default=2000, type=positive_int,
                         help="updates over which the EMA decay ramps up: decay * (1 - exp(-updates / warmups))")
 
     # Model parameters
@@ -76,31 +96,33 @@ def get_args_parser():
     parser.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",
                         help="do not fetch ImageNet backbone weights (implied by --finetune/--resume)")
     # * Transformer
-    parser.add_argument("--enc_layers", default=6, type=int)
-    parser.add_argument("--dec_layers", default=6, type=int)
-    parser.add_argument("--dim_feedforward", default=2048, type=int)
-    parser.add_argument("--hidden_dim", default=256, type=int, help="embedding size of the transformer")
-    parser.add_argument("--dropout", default=0.1, type=float)
-    parser.add_argument("--nheads", default=8, type=int)
-    parser.add_argument("--num_queries", default=100, type=int)
+    parser.add_argument("--enc_layers", default=6, type=non_negative_int)
+    parser.add_argument("--dec_layers", default=6, type=positive_int)
+    parser.add_argument("--dim_feedforward", default=2048, type=positive_int)
+    parser.add_argument("--hidden_dim", default=256, type=positive_int, help="embedding size of the transformer")
+    parser.add_argument("--dropout", default=0.1, type=probability_below_1)
+    parser.add_argument("--nheads", default=8, type=positive_int)
+    parser.add_argument("--num_queries", default=100, type=positive_int)
     parser.add_argument("--pre_norm", action="store_true")
-    parser.add_argument("--dec_n_points", default=4, type=int,
+    parser.add_argument("--dec_n_points", default=4, type=positive_int,
                         help="Deformable DETR and RT-DETR: sampling points per decoder head")
-    parser.add_argument("--num_classes", default=None, type=int,
+    parser.add_argument("--num_classes", default=None, type=positive_int,
                         help="max category id + 1 (default: 91 for COCO)")
 
     # Loss
     parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
                         help="disable the losses on intermediate decoder layers")
     # * Matcher
-    parser.add_argument("--set_cost_class", default=1, type=float, help="class weight in the matching cost")
-    parser.add_argument("--set_cost_bbox", default=5, type=float, help="L1 box weight in the matching cost")
-    parser.add_argument("--set_cost_giou", default=2, type=float, help="GIoU weight in the matching cost")
+    parser.add_argument("--set_cost_class", default=1, type=non_negative_float,
+                        help="class weight in the matching cost")
+    parser.add_argument("--set_cost_bbox", default=5, type=non_negative_float,
+                        help="L1 box weight in the matching cost")
+    parser.add_argument("--set_cost_giou", default=2, type=non_negative_float, help="GIoU weight in the matching cost")
     # * Loss coefficients
-    parser.add_argument("--cls_loss_coef", default=1, type=float, help="weight of the classification loss")
-    parser.add_argument("--bbox_loss_coef", default=5, type=float)
-    parser.add_argument("--giou_loss_coef", default=2, type=float)
-    parser.add_argument("--eos_coef", default=0.1, type=float, help="relative weight of the no-object class")
+    parser.add_argument("--cls_loss_coef", default=1, type=non_negative_float, help="weight of the classification loss")
+    parser.add_argument("--bbox_loss_coef", default=5, type=non_negative_float)
+    parser.add_argument("--giou_loss_coef", default=2, type=non_negative_float)
+    parser.add_argument("--eos_coef", default=0.1, type=unit_interval, help="relative weight of the no-object class")
     # * DAP-loss (docs/DAP.md)
     parser.add_argument("--loss", default="raw", choices=("raw", "dap", "raw+dap"),
                         help="upstream losses, DAP-loss only, or both summed")
@@ -108,19 +130,20 @@ def get_args_parser():
                         help="upstream matching cost, or the AP cost of Eq. 11")
     parser.add_argument("--dap_cost_mode", default="constant", choices=("constant", "momentum"),
                         help="precision table of the AP-cost matcher: constant 1/N or a moving average")
-    parser.add_argument("--dap_momentum", default=0.9, type=float, help="m of the momentum matcher")
-    parser.add_argument("--dap_bins", default=32, type=int, help="N, the number of score thresholds")
-    parser.add_argument("--dap_sigma", default=0.05, type=float, help="sigma of the Gaussian score smoothing")
-    parser.add_argument("--dap_num_gt", default=256, type=int,
+    parser.add_argument("--dap_momentum", default=0.9, type=probability_below_1, help="m of the momentum matcher")
+    parser.add_argument("--dap_bins", default=32, type=positive_int, help="N, the number of score thresholds")
+    parser.add_argument("--dap_sigma", default=0.05, type=positive_float, help="sigma of the Gaussian score smoothing")
+    parser.add_argument("--dap_num_gt", default=256, type=non_negative_int,
                         help="G, the DAP normaliser; 0 = the true number of boxes in the global batch")
-    parser.add_argument("--dap_neg_topk", default=100, type=int,
+    parser.add_argument("--dap_neg_topk", default=100, type=non_negative_int,
                         help="negatives kept per image for sigmoid models; 0 = all")
-    parser.add_argument("--dap_loss_coef", default=1.0, type=float, help="weight of loss_dap and its auxiliary copies")
+    parser.add_argument("--dap_loss_coef", default=1.0, type=non_negative_float,
+                        help="weight of loss_dap and its auxiliary copies")
 
     # Dataset parameters
     parser.add_argument("--dataset_file", default="coco", choices=("coco",), help="COCO-format data (upstream flag)")
     parser.add_argument("--coco_path", type=str, help="folder with train2017/ val2017/ annotations/")
-    parser.add_argument("--input_scale", default=1.0, type=float,
+    parser.add_argument("--input_scale", default=1.0, type=positive_float,
                         help="multiply every image size of the transforms (0.25 makes CPU runs practical)")
     parser.add_argument("--no_train_augmentation", dest="train_augmentation", action="store_false",
                         help="train with the evaluation transforms (deterministic inputs, e.g. for exact comparisons)")
@@ -130,24 +153,30 @@ def get_args_parser():
     parser.add_argument("--amp", action="store_true",
                         help="mixed-precision training: float16 autocast and a GradScaler on CUDA, bfloat16 "
                              "autocast on the CPU; losses and evaluation stay in float32")
-    parser.add_argument("--seed", default=42, type=int)
+    parser.add_argument("--seed", default=42, type=seed_int)
     parser.add_argument("--resume", default="", help="resume training from a checkpoint (path or URL)")
     parser.add_argument("--finetune", default="", metavar="PATH_OR_URL",
                         help="load model weights only (not optimizer, scheduler or epoch), e.g. a released checkpoint")
     parser.add_argument("--finetune_drop_class_head", action="store_true",
                         help="with --finetune: re-initialise the class head (another --num_classes)")
-    parser.add_argument("--checkpoint_period", default=100, type=int,
+    parser.add_argument("--checkpoint_period", default=100, type=positive_int,
                         help="keep checkpointNNNN.pth every this many epochs (and before each lr drop)")
-    parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
+    parser.add_argument("--start_epoch", default=0, type=non_negative_int, metavar="N")
     parser.add_argument("--eval", action="store_true", help="only evaluate")
-    parser.add_argument("--num_workers", default=2, type=int)
-    parser.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train into an --output_dir that holds another run, removing its logs and checkpoints "
+                             "(without it such a folder is refused; --resume continues the run instead)")
+    parser.add_argument("--num_workers", default=2, type=non_negative_int)
+    parser.add_argument("--print_freq", default=10, type=positive_int, help="iterations between progress lines")
     parser.add_argument("--log_iterations", action="store_true",
                         help="also write iterations.jsonl to --output_dir: the logged values of each optimisation step")
 
     # distributed training parameters
-    parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    parser.add_argument("--world_size", default=1, type=positive_int, help="number of distributed processes")
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    parser.add_argument("--dist_timeout", default=30, type=positive_float,
+                        help="minutes a process waits for the others in a collective operation before it stops "
+                             "with an error naming itself (a process that died, hung or was stopped)")
 
     for detector in FAMILIES.values():
         if detector.add_args is not None:
@@ -158,9 +187,25 @@ def get_args_parser():
 
 
 def check_args(args):
-    """Refuse flag combinations that cannot work, before anything is built."""
+    """Refuse flag combinations that cannot work, before anything is loaded or built (the
+    parser has checked each value's range)."""
+    if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
+        raise UserInputError(f"--device {args.device} is not supported; use cuda, cuda:N or cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserInputError(f"--device {args.device} was requested but CUDA is not available; pass --device cpu")
+    if args.hidden_dim % args.nheads:
+        raise UserInputError(f"--hidden_dim {args.hidden_dim} is not divisible by --nheads {args.nheads}; "
+                             "change one of them")
+    if round(800 * args.input_scale) < 32:
+        raise UserInputError(f"--input_scale {args.input_scale} makes the images smaller than the backbone's "
+                             "stride (32 px at 800 px times the scale); use at least 0.04")
+    if not (args.set_cost_class or args.set_cost_bbox or args.set_cost_giou) and args.matcher == "hungarian":
+        raise UserInputError("--set_cost_class, --set_cost_bbox and --set_cost_giou are all 0: the Hungarian "
+                             "matcher has no cost; give one of them a weight")
+    if args.matcher == "dap" and args.dap_cost_mode == "momentum" and args.loss == "raw":
+        raise UserInputError("--dap_cost_mode momentum averages the precision of DAP-loss, which --loss raw does "
+                             "not compute: use --loss raw+dap, or --dap_cost_mode constant")
+    FAMILIES[args.model].check_args(args)
     if args.finetune and args.resume:
         raise UserInputError("--finetune and --resume are exclusive: --resume restores a whole training state")
     if args.finetune_drop_class_head and not args.finetune:
@@ -323,9 +368,14 @@ def train(args, run, sampler_train, data_loader_train, data_loader_val, base_ds,
             sampler_train.set_epoch(epoch)
         iteration_log = (output_dir / "iterations.jsonl"
                          if args.log_iterations and output_dir and utils.is_main_process() else None)
-        train_stats = train_one_epoch(run.model, run.criterion, data_loader_train, run.optimizer, run.device, epoch,
-                                      args.clip_max_norm, print_freq=args.print_freq, accum_iter=args.accum_iter,
-                                      ema=run.ema, iteration_log=iteration_log, amp=run.amp)
+        try:
+            train_stats = train_one_epoch(run.model, run.criterion, data_loader_train, run.optimizer, run.device,
+                                          epoch, args.clip_max_norm, print_freq=args.print_freq,
+                                          accum_iter=args.accum_iter, ema=run.ema, iteration_log=iteration_log,
+                                          amp=run.amp)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"{err}; {resume_hint(args)} (its weights are finite); lower --lr or clip "
+                                   "harder (--clip_max_norm)") from None
         run.lr_scheduler.step()
 
         test_stats, coco_evaluator = evaluate(run.eval_model, run.criterion, run.postprocessors, data_loader_val,
@@ -341,34 +391,58 @@ def train(args, run, sampler_train, data_loader_train, data_loader_val, base_ds,
 
 def main(args):
     device = setup(args)
-    run = build_run(args, device)
-    dataset_train = build_dataset("train", args, run.family.data_pipeline)
-    dataset_val = build_dataset("val", args, run.family.data_pipeline)
-    sampler_train, data_loader_train, data_loader_val = build_data_loaders(dataset_train, dataset_val, args)
-    base_ds = get_coco_api_from_dataset(dataset_val)
-    output_dir = Path(args.output_dir) if args.output_dir else None
+    # The output folder is locked while the run writes it (util/output_dir.py).
+    with utils.on_main_process(prepare_output_dir, args) or contextlib.nullcontext():
+        run = build_run(args, device)
+        dataset_train = build_dataset("train", args, run.family.data_pipeline)
+        dataset_val = build_dataset("val", args, run.family.data_pipeline)
+        sampler_train, data_loader_train, data_loader_val = build_data_loaders(dataset_train, dataset_val, args)
+        base_ds = get_coco_api_from_dataset(dataset_val)
+        output_dir = Path(args.output_dir) if args.output_dir else None
 
-    if not args.eval:
-        return train(args, run, sampler_train, data_loader_train, data_loader_val, base_ds, output_dir)
-    test_stats, coco_evaluator = evaluate(run.eval_model, run.criterion, run.postprocessors, data_loader_val,
-                                          base_ds, device, print_freq=args.print_freq)
-    if output_dir:
-        save_coco_eval(coco_evaluator, output_dir / "eval.pth")
-        if utils.is_main_process():
-            write_json(output_dir / "eval_stats.json", {f"test_{k}": v for k, v in test_stats.items()})
-    return test_stats
+        if not args.eval:
+            return train(args, run, sampler_train, data_loader_train, data_loader_val, base_ds, output_dir)
+        test_stats, coco_evaluator = evaluate(run.eval_model, run.criterion, run.postprocessors, data_loader_val,
+                                              base_ds, device, print_freq=args.print_freq)
+        if output_dir:
+            save_coco_eval(coco_evaluator, output_dir / "eval.pth")
+            if utils.is_main_process():
+                write_json(output_dir / "eval_stats.json", {f"test_{k}": v for k, v in test_stats.items()})
+        return test_stats
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def resume_hint(args):
+    """Where the run can continue from: its last checkpoint, if it wrote one."""
+    checkpoint = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
+    if checkpoint is None or not checkpoint.is_file():
+        return "no checkpoint was written yet"
+    return f"the last checkpoint is {checkpoint}: continue with --resume {checkpoint}"
 
 
 def run_cli(argv=None):
-    parser = argparse.ArgumentParser("DETR training and evaluation script", parents=[get_args_parser()])
+    parser = OneLineParser("DETR training and evaluation script", parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    # SIGTERM (a scheduler, kill) ends the run as Ctrl-C does; writes under way are finished first.
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         main(args)
     except UserInputError as e:
-        sys.stderr.write(f"error: {e}\n")  # not print(): silenced on ranks other than 0
-        sys.exit(2)
+        # stderr, not print(): print is silenced on ranks other than 0
+        sys.stderr.write(f"error: {e.one_line()}\n")
+        sys.exit(e.exit_status)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"interrupted: {resume_hint(args)}\n")
+        sys.exit(130)
+    except torch.distributed.DistError as e:
+        # A collective operation failed: another process died, hung or was stopped.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.stderr.write(f"error: rank {args.rank} of {args.world_size} lost the other processes ({first[:200]}); "
+                         f"see their logs; {resume_hint(args)}\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ processes per node: one per GPU, or CPU processes (gloo) with --device cpu. The 
 --job_dir (submitit's logs and pickles; default <output_dir>/submitit) must be on a file system
 that every node sees.
 """
-import argparse
 import copy
 import os
 import shutil
@@ -20,16 +19,17 @@ from pathlib import Path
 import submitit
 
 import main as detr_main
+from util.args import OneLineParser, non_negative_int, positive_int
 from util.errors import UserInputError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_launcher_parser():
-    parser = argparse.ArgumentParser("Submitit launcher for main.py", parents=[detr_main.get_args_parser()])
-    parser.add_argument("--ngpus", default=8, type=int, help="processes (GPUs) per node")
-    parser.add_argument("--nodes", default=4, type=int, help="number of nodes")
-    parser.add_argument("--timeout", default=60, type=int,
+    parser = OneLineParser("Submitit launcher for main.py", parents=[detr_main.get_args_parser()])
+    parser.add_argument("--ngpus", default=8, type=positive_int, help="processes (GPUs) per node")
+    parser.add_argument("--nodes", default=4, type=positive_int, help="number of nodes")
+    parser.add_argument("--timeout", default=60, type=positive_int,
                         help="time limit of one job in minutes; the job requeues itself when it is reached")
     parser.add_argument("--job_dir", default="", type=str,
                         help="submitit's folder (logs, pickles); default <output_dir>/submitit, "
@@ -41,10 +41,11 @@ def get_launcher_parser():
     parser.add_argument("--qos", default=None, help="SLURM quality of service")
     parser.add_argument("--constraint", default=None, help="SLURM node constraint, e.g. volta32gb")
     parser.add_argument("--comment", default=None, help="SLURM job comment")
-    parser.add_argument("--mem_gb", default=None, type=int, help="memory per node in GB (default 40 per process)")
-    parser.add_argument("--cpus_per_task", default=10, type=int, help="CPU cores per process")
+    parser.add_argument("--mem_gb", default=None, type=positive_int,
+                        help="memory per node in GB (default 40 per process)")
+    parser.add_argument("--cpus_per_task", default=10, type=positive_int, help="CPU cores per process")
     parser.add_argument("--job_name", default="dap-detr", help="SLURM job name")
-    parser.add_argument("--max_requeues", default=30, type=int,
+    parser.add_argument("--max_requeues", default=30, type=non_negative_int,
                         help="give up after this many time-outs (preemptions do not count)")
     return parser
 
@@ -115,8 +116,6 @@ def job_folders(args):
 
 def submit(args):
     """Submit Trainer(args) and return the submitit job."""
-    if args.ngpus < 1 or args.nodes < 1:
-        raise UserInputError("--ngpus and --nodes must be at least 1")
     if args.cluster == "slurm" and shutil.which("sbatch") is None:
         raise UserInputError("sbatch not found: SLURM is not available here; use --cluster local to run on "
                              "this machine (or torchrun, see scripts/reproduce.sh)")

@@ -7,41 +7,42 @@ num_classes = max category id + 1.
 import contextlib
 import functools
 import io
-import json
 from pathlib import Path
 
 import torch
 import torchvision
+from pycocotools.coco import COCO
 
 import datasets.transforms as T
+from datasets.checks import (
+    category_ids_of,
+    check_detection_file,
+    check_split_is_usable,
+    parse_detection_json,
+)
 from datasets.rtdetr_transforms import make_rtdetr_transforms
 from util.errors import UserInputError
 
 LAYOUT = "train2017/, val2017/ and annotations/instances_{train,val}2017.json"
-REQUIRED_KEYS = ("images", "annotations", "categories")
 
 
 class CocoDetection(torchvision.datasets.CocoDetection):
     """Returns (image, target) with target keys boxes (absolute xyxy), labels, image_id, area,
     iscrowd, orig_size and size ((h, w) of the image before / after the transforms)."""
 
-    def __init__(self, img_folder, ann_file, transforms):
+    def __init__(self, img_folder, ann_file, transforms, category_ids=None):
+        """category_ids: the ids the model classifies; every annotation must use one of them
+        (default: the file's own categories). The file is parsed and checked whole before
+        pycocotools indexes it (datasets/checks.py)."""
+        torchvision.datasets.VisionDataset.__init__(self, str(img_folder))
         self.ann_file = Path(ann_file)
-        try:
-            # pycocotools prints progress and raises half-way through a broken file; the
-            # user gets one line from us instead.
-            with contextlib.redirect_stdout(io.StringIO()):
-                super().__init__(img_folder, str(ann_file))
-        except (ValueError, AssertionError, KeyError, TypeError) as err:
-            raise UserInputError(
-                f"annotation file {ann_file} is not a valid COCO JSON file "
-                f"({type(err).__name__}: {err}); expected a JSON object with keys "
-                f"{', '.join(REQUIRED_KEYS)}") from None
-        missing = [k for k in REQUIRED_KEYS if k not in self.coco.dataset]
-        if missing:
-            raise UserInputError(
-                f"annotation file {ann_file} lacks the key(s) {', '.join(missing)}; a COCO "
-                f"detection file needs {', '.join(REQUIRED_KEYS)}")
+        data = parse_detection_json(self.ann_file.read_text(), ann_file)
+        check_detection_file(data, ann_file, category_ids)
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco.createIndex()
+        self.ids = sorted(self.coco.imgs)
         self._transforms = transforms
         self.prepare = ConvertCocoAnnotations()
 
@@ -50,7 +51,10 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         if not path.is_file():
             raise UserInputError(f"image file {path} (image id {id}, listed in {self.ann_file}) "
                                  f"does not exist")
-        return super()._load_image(id)
+        try:
+            return super()._load_image(id)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: unidentified, truncated, corrupt
+            raise UserInputError(f"image file {path} (image id {id}) cannot be decoded: {err}") from None
 
     def __getitem__(self, idx):
         img, annotations = super().__getitem__(idx)
@@ -138,13 +142,7 @@ def coco_files(args, image_set):
 
 @functools.lru_cache(maxsize=8)
 def _read_category_ids(ann_file):
-    try:
-        with open(ann_file) as f:
-            categories = json.load(f)["categories"]
-        return tuple(sorted({int(c["id"]) for c in categories}))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserInputError(f"annotation file {ann_file} has no valid 'categories' list "
-                             f"({type(e).__name__}: {e})") from None
+    return category_ids_of(parse_detection_json(Path(ann_file).read_text(), ann_file), ann_file)
 
 
 def category_ids(args):
@@ -171,4 +169,7 @@ def make_transforms(pipeline, image_set, args):
 
 def build(image_set, args, pipeline):
     img_folder, ann_file = coco_files(args, image_set)
-    return CocoDetection(img_folder, ann_file, transforms=make_transforms(pipeline, image_set, args))
+    dataset = CocoDetection(img_folder, ann_file, transforms=make_transforms(pipeline, image_set, args),
+                            category_ids=category_ids(args))
+    check_split_is_usable(dataset.coco.dataset, ann_file, image_set)
+    return dataset

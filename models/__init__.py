@@ -15,4 +15,6 @@ def build_model(args, category_ids=None):
     sorted category ids (datasets.category_ids); None: no dataset, the family's defaults (COCO)."""
     if args.model not in FAMILIES:
         raise UserInputError(f"unknown --model {args.model!r}; use one of {', '.join(FAMILIES)}")
-    return FAMILIES[args.model].build(args, category_ids)
+    family = FAMILIES[args.model]
+    family.check_args(args)
+    return family.build(args, category_ids)

@@ -90,10 +90,30 @@ def precision_from_counts(tp, fp):
     return torch.where(counted, tp / torch.where(counted, denom, torch.ones_like(denom)), 0.0)
 
 
+# Precisions within this many units in the last place of the envelope count as tied (below).
+TIE_ULPS = 16
+
+
 def interpolated_precision(precision):
     """P_k^i = max_{j <= i} p_k^j (section 3.4): COCO's precision envelope, taken over the
-    lower score thresholds (higher recalls), so P_k^i is non-decreasing in i."""
-    return precision.cummax(dim=-1).values
+    lower score thresholds (higher recalls), so P_k^i is non-decreasing in i.
+
+    The value is the exact maximum. Its gradient goes to the lowest bin j whose precision is
+    within TIE_ULPS units in the last place of it: bins whose precisions are equal in exact
+    arithmetic (e.g. every score equal, or far below the higher thresholds) differ only by
+    rounding, and a plain cummax would send the gradient to whichever rounded highest, a bin
+    whose precision can have a large derivative. In float64 the rounding is too small to matter
+    and ties already resolve to the lowest bin; in float32 the gradient would otherwise follow
+    the rounding noise (docs/DAP.md, Numerics).
+    """
+    envelope = precision.detach().cummax(dim=-1).values  # [K, N]
+    slack = TIE_ULPS * torch.finfo(precision.dtype).eps * envelope
+    # near[k, i, j]: bin j <= i is tied with the envelope at bin i
+    num_bins = precision.shape[-1]
+    below = torch.ones(num_bins, num_bins, dtype=torch.bool, device=precision.device).tril()
+    near = (precision.detach().unsqueeze(-2) >= (envelope - slack).unsqueeze(-1)) & below
+    chosen = precision.gather(-1, near.to(torch.uint8).argmax(dim=-1))  # the lowest such j
+    return envelope + (chosen - chosen.detach())
 
 
 def localisation_function(ious, interp_precision, iou_thresholds=COCO_IOU_THRESHOLDS):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from util.args import non_negative_float, positive_int
 from util.errors import UserInputError
 from util.misc import NestedTensor, accuracy, inverse_sigmoid, nested_tensor_from_tensor_list
 
@@ -170,14 +171,15 @@ class SetCriterion(BaseSetCriterion):
             yield Layer("_enc", outputs["enc_outputs"], binary_targets, self.losses)
 
 
-def build(args, category_ids):
+def check_args(args):
     if args.pre_norm:
         raise UserInputError("--pre_norm is a DETR option; Deformable DETR's transformer is post-norm only")
     if args.two_stage and not args.with_box_refine:
         # Upstream scores the proposals with the refinement heads; without them it crashes.
         raise UserInputError("--two_stage needs --with_box_refine (as upstream's two-stage configuration)")
-    if args.num_feature_levels < 1:
-        raise UserInputError(f"--num_feature_levels must be at least 1, not {args.num_feature_levels}")
+
+
+def build(args, category_ids):
     num_classes = num_classes_for(args, category_ids)
 
     # Multi-scale models read layer2-4; the sine positions use the pixel centres (offset -0.5).
@@ -204,18 +206,18 @@ def param_groups(model, args):
 
 def add_args(parser):
     group = parser.add_argument_group("Deformable DETR")
-    group.add_argument("--num_feature_levels", default=4, type=int, help="feature levels")
-    group.add_argument("--enc_n_points", default=4, type=int, help="sampling points per encoder head")
+    group.add_argument("--num_feature_levels", default=4, type=positive_int, help="feature levels")
+    group.add_argument("--enc_n_points", default=4, type=positive_int, help="sampling points per encoder head")
     group.add_argument("--with_box_refine", action="store_true", help="iterative box refinement")
     group.add_argument("--two_stage", action="store_true", help="two-stage proposals (needs --with_box_refine)")
     group.add_argument("--focal_alpha", default=0.25, type=float, help="focal loss alpha")
     group.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str,
                        nargs="+", help="parameters at --lr times --lr_linear_proj_mult")
-    group.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
+    group.add_argument("--lr_linear_proj_mult", default=0.1, type=non_negative_float)
 
 
 FAMILY = DetectorFamily(
-    name="deformable_detr", build=build, param_groups=param_groups, add_args=add_args,
+    name="deformable_detr", build=build, param_groups=param_groups, add_args=add_args, check_args=check_args,
     # Upstream's recipe: 50 epochs, lr drop at 40, 300 queries, focal class cost and weight 2.
     defaults=dict(lr=2e-4, lr_backbone=2e-5, lr_backbone_names=["backbone.0"], epochs=50, lr_drop=40,
                   dim_feedforward=1024, num_queries=300, set_cost_class=2, cls_loss_coef=2, checkpoint_period=5))

@@ -9,7 +9,7 @@ from torch import nn
 
 from util.misc import inverse_sigmoid
 
-from .layers import activation_fn, get_clones, with_pos_embed
+from .layers import activation_fn, attend, get_clones, with_pos_embed
 from .ops.modules import MSDeformAttn
 
 
@@ -226,7 +226,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
     def forward(self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index,
                 src_padding_mask=None):
         q = k = with_pos_embed(tgt, query_pos)
-        tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
+        tgt2 = attend(self.self_attn, q, k, tgt)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(with_pos_embed(tgt, query_pos), reference_points, src, src_spatial_shapes,
                                level_start_index, src_padding_mask)

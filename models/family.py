@@ -15,6 +15,10 @@ def no_unused_parameters(args):
     return False
 
 
+def no_checks(args):
+    pass
+
+
 @dataclass(frozen=True)
 class DetectorFamily:
     """name: the value of --model.
@@ -27,6 +31,8 @@ class DetectorFamily:
     data_pipeline: the transforms of datasets/ it trains and evaluates with ('detr', 'rtdetr').
     sync_batchnorm: under DDP on CUDA, batch norms use the statistics of the global batch.
     find_unused_parameters(args): whether DDP must look for parameters without a gradient.
+    check_args(args): refuses, with a UserInputError, flag combinations the family cannot run;
+        called before anything is loaded or built.
     """
     name: str
     build: Callable
@@ -36,6 +42,7 @@ class DetectorFamily:
     data_pipeline: str = "detr"
     sync_batchnorm: bool = False
     find_unused_parameters: Callable = no_unused_parameters
+    check_args: Callable = no_checks
 
 
 def param_groups_by_name(model, args, extra_groups=()):

@@ -36,5 +36,13 @@ def activation_fn(name):
     raise ValueError(f"activation should be relu or gelu, not {name}")
 
 
+def attend(attention, query, key, value, **kwargs):
+    """The output of nn.MultiheadAttention `attention`. On CUDA through its fused kernel
+    (need_weights=False: scaled_dot_product_attention). Elsewhere through the explicit softmax
+    (upstream's path): the CPU kernel returns non-finite input gradients for very large attention
+    logits where the explicit softmax stays finite (a randomly initialised R101 DETR reaches them)."""
+    return attention(query, key, value, need_weights=not query.is_cuda, **kwargs)[0]
+
+
 def with_pos_embed(tensor, pos):
     return tensor if pos is None else tensor + pos

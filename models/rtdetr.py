@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from util import box_ops
+from util.args import non_negative_float, non_negative_int, unit_interval
 from util.coco import COCO_CATEGORY_IDS
 from util.errors import UserInputError
 from util.misc import NestedTensor, nested_tensor_from_tensor_list, scaled_size
@@ -145,11 +146,11 @@ def add_args(parser):
     group.add_argument("--no_iou_aware_query_selection", dest="iou_aware_query_selection", action="store_false",
                        help="train the encoder's query-selection scores with the focal loss instead of the "
                             "IoU-aware varifocal loss (the paper's RT-DETR-dagger rows); required by --loss dap")
-    group.add_argument("--num_denoising", default=100, type=int,
+    group.add_argument("--num_denoising", default=100, type=non_negative_int,
                        help="denoising queries (positives and negatives, all groups); 0 disables denoising")
-    group.add_argument("--label_noise_ratio", default=0.5, type=float,
+    group.add_argument("--label_noise_ratio", default=0.5, type=unit_interval,
                        help="denoising: twice the probability of replacing a label by a random class")
-    group.add_argument("--box_noise_scale", default=1.0, type=float,
+    group.add_argument("--box_noise_scale", default=1.0, type=non_negative_float,
                        help="denoising: box corner noise, in units of half the box size")
     group.add_argument("--no_multi_scale", dest="multi_scale", action="store_false",
                        help="train at the evaluation size only (default: a random size of 480..800, times "
@@ -200,7 +201,7 @@ def weights_for(names, suffix, args):
     return {k + suffix: w for name in names for k, w in keys[name].items()}
 
 
-def build(args, category_ids):
+def check_args(args):
     if args.loss == "dap" and args.iou_aware_query_selection:
         raise UserInputError("--loss dap with RT-DETR trains the encoder's query selection with DAP, not with "
                              "the IoU-aware varifocal loss: add --no_iou_aware_query_selection (or use "
@@ -211,6 +212,13 @@ def build(args, category_ids):
     if args.backbone not in BACKBONE_PRESETS:
         raise UserInputError(f"unknown --backbone {args.backbone!r} for RT-DETR; use one of "
                              f"{', '.join(BACKBONE_PRESETS)}")
+    width = int(args.hidden_dim * BACKBONE_PRESETS[args.backbone]["width_mult"])
+    if width % args.nheads:
+        raise UserInputError(f"the encoder width {width} (--hidden_dim {args.hidden_dim} for {args.backbone}) is "
+                             f"not divisible by --nheads {args.nheads}; change one of them")
+
+
+def build(args, category_ids):
     categories = COCO_CATEGORY_IDS if category_ids is None else category_ids
     if args.num_classes is not None and args.num_classes != max(categories) + 1:
         raise UserInputError(f"--num_classes {args.num_classes} does not fit the dataset: RT-DETR classifies "
@@ -251,7 +259,8 @@ def build(args, category_ids):
 
 
 FAMILY = DetectorFamily(
-    name="rtdetr", build=build, param_groups=param_groups, add_args=add_args, data_pipeline="rtdetr",
+    name="rtdetr", build=build, param_groups=param_groups, add_args=add_args, check_args=check_args,
+    data_pipeline="rtdetr",
     # RT-DETR trains its encoder/decoder batch norms with statistics of the global batch.
     sync_batchnorm=True,
     # Without auxiliary losses the intermediate score heads get no gradient.

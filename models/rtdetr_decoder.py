@@ -11,7 +11,7 @@ from torch import nn
 from util.misc import inverse_sigmoid
 
 from .denoising import contrastive_denoising_groups
-from .layers import MLP
+from .layers import MLP, attend
 from .ops import MSDeformAttn
 from .transformer import ResidualLayer
 
@@ -41,7 +41,7 @@ class DecoderLayer(ResidualLayer):
         """tgt, query_pos [B, Q, C]; ref_boxes [B, Q, 1, 4] cxcywh in [0, 1]; memory [B, S, C]."""
         def self_attention(x):
             q = k = x + query_pos
-            return self.self_attn(q, k, value=x, attn_mask=attn_mask, need_weights=False)[0]
+            return attend(self.self_attn, q, k, x, attn_mask=attn_mask)
 
         def cross_attention(x):
             return self.cross_attn(x + query_pos, ref_boxes, memory, spatial_shapes, level_start_index)

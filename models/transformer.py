@@ -8,7 +8,7 @@ one only with pre-norm. Tensors are sequence-first: [S, B, C].
 import torch
 from torch import nn
 
-from .layers import activation_fn, get_clones, with_pos_embed
+from .layers import activation_fn, attend, get_clones, with_pos_embed
 
 
 class Transformer(nn.Module):
@@ -129,7 +129,7 @@ class TransformerEncoderLayer(ResidualLayer):
     def forward(self, src, src_key_padding_mask=None, pos=None):
         def self_attention(x):
             q = k = with_pos_embed(x, pos)
-            return self.self_attn(q, k, value=x, key_padding_mask=src_key_padding_mask, need_weights=False)[0]
+            return attend(self.self_attn, q, k, x, key_padding_mask=src_key_padding_mask)
 
         src = self._residual(src, self_attention, self.norm1, self.dropout1)
         return self._residual(src, self._ffn, self.norm2, self.dropout2)
@@ -156,12 +156,11 @@ class TransformerDecoderLayer(ResidualLayer):
     def forward(self, tgt, memory, memory_key_padding_mask=None, pos=None, query_pos=None):
         def self_attention(x):
             q = k = with_pos_embed(x, query_pos)
-            return self.self_attn(q, k, value=x, need_weights=False)[0]
+            return attend(self.self_attn, q, k, x)
 
         def cross_attention(x):
-            return self.multihead_attn(query=with_pos_embed(x, query_pos), key=with_pos_embed(memory, pos),
-                                       value=memory, key_padding_mask=memory_key_padding_mask,
-                                       need_weights=False)[0]
+            return attend(self.multihead_attn, with_pos_embed(x, query_pos), with_pos_embed(memory, pos), memory,
+                          key_padding_mask=memory_key_padding_mask)
 
         tgt = self._residual(tgt, self_attention, self.norm1, self.dropout1)
         tgt = self._residual(tgt, cross_attention, self.norm2, self.dropout2)

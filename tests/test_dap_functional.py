@@ -13,6 +13,7 @@ from models.dap_functional import (
     bin_mass,
     differentiable_ap,
     differentiable_ap_terms,
+    interpolated_precision,
     localisation_function,
     score_thresholds,
     tail_mass,
@@ -408,3 +409,28 @@ def test_memory_is_linear_in_detections():
     with LargestTensor() as largest:
         differentiable_ap(pos_s, pos_u, neg_s, num_bins=n).backward()
     assert 0 < largest.numel <= (num_pos + num_neg) * n
+
+
+@pytest.mark.parametrize("num_pos", [1, 5, 20])
+def test_float32_gradient_where_every_score_ties(num_pos):
+    """Every score 0, every IoU 1, N = 8, 329 negatives: all bins have the same precision in exact
+    arithmetic and DAP does not depend on the scores (float64 gradient ~0). A plain cummax sent
+    the float32 gradient to the bin that rounded highest (|grad| ~1e-3)."""
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        pos = torch.zeros(num_pos, dtype=dtype, requires_grad=True)
+        neg = torch.zeros(329, dtype=dtype, requires_grad=True)
+        dap = differentiable_ap(pos, torch.ones(num_pos, dtype=dtype), neg, num_bins=8, sigma=0.05)
+        grads[dtype] = [g.double() for g in torch.autograd.grad(dap, [pos, neg])]
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
+        assert g64.abs().max() < 1e-40
+        assert (g32 - g64).abs().max() < 1e-7  # float32 rounding of a DAP of ~1e-2
+
+
+def test_interpolated_precision_value_is_cummax_and_ties_go_to_the_lowest_bin():
+    p = torch.tensor([[0.5, 0.5 * (1 + 2 ** -23), 0.3, 0.7, 0.7]], requires_grad=True)
+    envelope = interpolated_precision(p)
+    assert torch.equal(envelope, p.detach().cummax(-1).values)
+    rows = [torch.autograd.grad(envelope[0, i], p, retain_graph=True)[0][0].tolist() for i in range(5)]
+    # bins 0 and 1 tie within rounding: bins 1 and 2 take bin 0's gradient; 3 and 4 tie exactly.
+    assert rows == [[1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 0]]

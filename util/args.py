@@ -100,3 +100,49 @@ def add_unsupported_upstream_flags(parser):
         ("--cache_mode", 0, "images are read from disk on every access; drop the flag"),
     ]:
         parser.add_argument(flag, action=Unsupported, nargs=nargs, reason=reason)
+
+
+# ----------------------------------------------------------------------------- value ranges
+# Flag types that refuse out-of-range values when the flag is parsed: argparse reports
+# "argument --X: <message>".
+
+def _number(kind, text):
+    try:
+        return kind(text)
+    except ValueError:
+        expected = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def _ranged(kind, low, high=None, low_open=False, high_open=False, what=None, outside=None):
+    """A flag type: kind(text) within [low, high] (open ends as flagged), else argparse's error
+    'must be <what>'. outside: a value it refuses (for the tests)."""
+    def parse(text):
+        value = _number(kind, text)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        too_low = value <= low if low_open else value < low
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    parse.outside = outside
+    return parse
+
+
+positive_int = _ranged(int, 1, what="a positive integer", outside="0")
+non_negative_int = _ranged(int, 0, what="0 or more", outside="-1")
+positive_float = _ranged(float, 0, low_open=True, what="greater than 0", outside="0")
+non_negative_float = _ranged(float, 0, what="0 or more", outside="-0.5")
+unit_interval = _ranged(float, 0, 1, what="between 0 and 1", outside="1.5")
+probability_below_1 = _ranged(float, 0, 1, high_open=True, what="at least 0 and below 1", outside="1")
+seed_int = _ranged(int, 0, 2**32 - 1, what="between 0 and 2**32 - 1", outside="4294967296")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, 'error: ...', and exit status 2 (argparse's
+    own prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see --help\n")

@@ -12,8 +12,9 @@ from urllib.error import URLError
 
 import torch
 
-from util.errors import UserInputError
-from util.misc import is_main_process
+from util.errors import TrainingDiverged, UserInputError
+from util.misc import all_finite, is_main_process
+from util.output_dir import write_atomically
 
 # DETR's and Deformable DETR's main.py store the command line (an argparse.Namespace) in 'args'.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -108,6 +109,10 @@ def fit_state_dict(model, state_dict, source="checkpoint", drop_prefixes=()):
         problems.append(f"unexpected keys: {_summarise(unexpected)}")
     if wrong_shape:
         problems.append(f"shape mismatch: {_summarise(wrong_shape, limit=3)}")
+    not_finite = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()
+                  and not torch.isfinite(v).all()]
+    if not_finite:
+        problems.append(f"non-finite values (NaN or inf) in {_summarise(not_finite)}")
     if problems:
         hint = ""
         if any("class_embed" in k or "score_head" in k for k in wrong_shape):
@@ -118,18 +123,19 @@ def fit_state_dict(model, state_dict, source="checkpoint", drop_prefixes=()):
 
 
 def save_checkpoint(path, model, matcher, optimizer, lr_scheduler, epoch, args, ema=None, scaler=None):
-    """Write a training checkpoint from the main process, atomically (temp file + rename), so a job
+    """Write a training checkpoint from the main process, atomically (util.output_dir), so a job
     killed mid-write leaves the last good file. 'matcher' holds the matcher's state (the DAP
     momentum precision table; empty otherwise); 'ema' and 'scaler' (the GradScaler of --amp on
     CUDA) are there when in use."""
     if not is_main_process():
         return
-    tmp = path.with_suffix(".pth.tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-                "matcher": matcher.state_dict(), **({"ema": ema.state_dict()} if ema else {}),
-                **({"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {})}, tmp)
-    tmp.replace(path)
+    if not all_finite([model.state_dict(), ema.state_dict() if ema else {}]):
+        raise TrainingDiverged(f"the weights are not finite at the end of epoch {epoch}: {path} was not written")
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
+                  "matcher": matcher.state_dict(), **({"ema": ema.state_dict()} if ema else {}),
+                  **({"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {})}
+    write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def restore_matcher(matcher, checkpoint, source):

@@ -1,33 +1,41 @@
 """The files a run writes beside its checkpoints: log.txt and iterations.jsonl (one JSON object per
-line) and the COCO evaluation arrays."""
+line) and the COCO evaluation arrays. Each is written atomically (util.output_dir.write_atomically)
+but iterations.jsonl, appended at every step: a line cut by a kill is dropped on --resume."""
 import json
 
 import torch
 
 from util.misc import is_main_process
+from util.output_dir import write_atomically
 
 
 def append_log(path, record):
-    """Append one JSON line."""
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Add one JSON line to path (the whole file rewritten atomically: log.txt is small)."""
+    old = path.read_text() if path.exists() else ""
+    write_atomically(path, lambda tmp: tmp.write_text(old + json.dumps(record) + "\n"))
 
 
 def write_json(path, record):
-    """Write one JSON object to path, atomically (temp file + rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record))
-    tmp.replace(path)
+    """Write one JSON object to path, atomically."""
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record)))
+
+
+def _epoch_of(line):
+    try:
+        return json.loads(line).get("epoch", -1)
+    except ValueError:  # the last line, cut by a kill while it was appended
+        return None
 
 
 def drop_log_lines_from(log_path, epoch):
-    """Remove the lines of epochs >= epoch from a JSON-lines log (they are about to be redone)."""
+    """Remove the lines of epochs >= epoch from a JSON-lines log (they are about to be redone),
+    and a last line cut short."""
     if not log_path.exists():
         return
     lines = log_path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", -1) < epoch]
+    kept = [line for line in lines if line.strip() and (e := _epoch_of(line)) is not None and e < epoch]
     if len(kept) != len(lines):
-        log_path.write_text("".join(kept))
+        write_atomically(log_path, lambda tmp: tmp.write_text("".join(kept)))
 
 
 def save_coco_eval(coco_evaluator, path):
@@ -35,4 +43,5 @@ def save_coco_eval(coco_evaluator, path):
     if coco_evaluator is None or not is_main_process():
         return
     ev = coco_evaluator.coco_eval["bbox"].eval
-    torch.save({k: torch.as_tensor(ev[k]) for k in ("precision", "recall", "scores")}, path)
+    arrays = {k: torch.as_tensor(ev[k]) for k in ("precision", "recall", "scores")}
+    write_atomically(path, lambda tmp: torch.save(arrays, tmp))

@@ -130,8 +130,10 @@ def init_distributed_mode(args):
     args.dist_backend = "nccl" if use_cuda else "gloo"
     print(f"| distributed init (rank {args.rank}): {args.dist_url}, backend {args.dist_backend}",
           flush=True)
-    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
+    # A process that dies or stops answering makes the others fail after this long instead of
+    # waiting forever in their next collective operation.
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url, world_size=args.world_size,
+                            rank=args.rank, timeout=datetime.timedelta(minutes=args.dist_timeout))
     dist.barrier()
     setup_for_distributed(args.rank == 0)
 
@@ -298,3 +300,43 @@ def get_sha():
         return f"sha: {sha}, status: {dirty}"
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "sha: N/A"
+
+
+def all_finite(outputs):
+    """Whether every floating-point tensor in a nest of dicts and lists is finite (one host sync)."""
+    tensors = []
+
+    def collect(value):
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, (list, tuple)):
+            for v in value:
+                collect(v)
+        elif torch.is_tensor(value) and value.is_floating_point():
+            tensors.append(torch.isfinite(value).all())
+
+    collect(outputs)
+    return not tensors or bool(torch.stack(tensors).all())
+
+
+def on_main_process(fn, *args):
+    """fn(*args) on the main process only (None elsewhere). Under DDP every process learns whether
+    it raised a UserInputError there, and raises too, instead of waiting for it at the next
+    collective operation."""
+    from util.errors import UserInputError
+
+    error, result = None, None
+    if is_main_process():
+        try:
+            result = fn(*args)
+        except UserInputError as err:
+            error = err
+    if is_dist_avail_and_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        failed = torch.tensor([error is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            raise UserInputError("the main process (rank 0) refused to start; its message says why")
+    if error is not None:
+        raise error
+    return result
