@@ -415,6 +415,16 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def lost_other_processes(args, error):
+    """Whether a collective operation failed because another process died, hung or was stopped
+    (torch.distributed's errors, and gloo's timeouts, which arrive as plain RuntimeErrors)."""
+    if not getattr(args, "distributed", False):
+        return False
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(
+        sign in text for sign in ("Timed out", "timed out", "Connection closed", "Connection reset", "NCCL"))
+
+
 def resume_hint(args):
     """Where the run can continue from: its last checkpoint, if it wrote one."""
     checkpoint = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
@@ -437,8 +447,9 @@ def run_cli(argv=None):
     except KeyboardInterrupt:
         sys.stderr.write(f"interrupted: {resume_hint(args)}\n")
         sys.exit(130)
-    except torch.distributed.DistError as e:
-        # A collective operation failed: another process died, hung or was stopped.
+    except RuntimeError as e:
+        if not lost_other_processes(args, e):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         sys.stderr.write(f"error: rank {args.rank} of {args.world_size} lost the other processes ({first[:200]}); "
                          f"see their logs; {resume_hint(args)}\n")

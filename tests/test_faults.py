@@ -302,7 +302,9 @@ def test_bad_image_names_its_file(how, split, workers, data, base_data, capsys):
     images = json.loads((data / "annotations" / f"instances_{split}2017.json").read_text())["images"]
     target = data / f"{split}2017" / images[0]["file_name"]
     break_image(target, how)
-    code, err = cli(tiny(data, base_data[1], "--num_workers", workers), capsys)
+    # The validation split is read by --eval at once (in training: after the first epoch).
+    code, err = cli(tiny(data, base_data[1], "--num_workers", workers, *(["--eval"] if split == "val" else [])),
+                    capsys)
     assert code == 2
     line = one_line(err, target.name)
     assert ("does not exist" if how == "missing" else "cannot be decoded") in line
@@ -488,3 +490,130 @@ def test_interrupt_says_where_to_resume(sig, status, base_data, tmp_path):
     assert line
     assert load_checkpoint(str(out / "checkpoint.pth"))["epoch"] >= 0
     assert not list(out.rglob("*.tmp"))
+
+
+def final_weights(folder):
+    return load_checkpoint(str(folder / "checkpoint.pth"))["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base_data, tmp_path_factory):
+    """The reference for the kill cases: 3 epochs straight through, in a process of its own."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    process = main_process(tiny(*base_data, "--output_dir", out, "--epochs", "3", "--lr_drop", "2"))
+    process.communicate(timeout=300)
+    assert process.returncode == 0
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(seed, uninterrupted, base_data, tmp_path):
+    """SIGKILL a training process at a random moment (startup, training, evaluation, a write),
+    continue it as a user would (--resume when a checkpoint exists, else --overwrite), again and
+    again until it finishes: the weights and the log equal the uninterrupted run's."""
+    rng = torch.Generator().manual_seed(seed)
+    out = tmp_path / "out"
+    flags = tiny(*base_data, "--output_dir", out, "--epochs", "3", "--lr_drop", "2")
+    kills = 0
+    for attempt in range(12):
+        has_checkpoint = (out / "checkpoint.pth").exists()
+        again = ["--resume", out / "checkpoint.pth"] if has_checkpoint else ["--overwrite"]
+        process = main_process(flags + again)
+        if attempt < 3:  # three kills, then let it finish
+            time.sleep(2 + 6 * torch.rand(1, generator=rng).item())
+            process.kill()
+            kills += process.wait() == -signal.SIGKILL
+            # what a kill may leave: the last complete checkpoint, never a partial one
+            if (out / "checkpoint.pth").exists():
+                load_checkpoint(str(out / "checkpoint.pth"))
+            continue
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        break
+    assert kills >= 1
+    reference, resumed = final_weights(uninterrupted), final_weights(out)
+    assert reference.keys() == resumed.keys()
+    for key, value in reference.items():
+        assert torch.equal(value, resumed[key]), key
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    expected = [json.loads(line) for line in (uninterrupted / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    assert [r["test_coco_eval_bbox"] for r in log] == [r["test_coco_eval_bbox"] for r in expected]
+
+
+def test_sigkill_during_evaluation_keeps_the_earlier_eval_files(trained, base_data, tmp_path):
+    out = tmp_path / "eval"
+    flags = tiny(*base_data, "--output_dir", out, "--eval", "--resume", trained / "checkpoint.pth")
+    first = main_process(flags)
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    before = snapshot(out)
+    for delay in (1.0, 2.5, 4.0):
+        process = main_process(flags)
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        after = {k: v for k, v in snapshot(out).items() if not k.endswith(".tmp")}
+        assert after == before  # never a partial eval.pth or eval_stats.json
+
+
+# ----------------------------------------------------------------------------- two processes (torchrun)
+
+
+def torchrun(argv, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "main.py", *map(str, argv)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_torchrun_every_rank_stops_when_rank_0_refuses_the_folder(trained, base_data):
+    process = torchrun(tiny(*base_data, "--output_dir", trained))
+    _, err = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "already holds a run" in err and "refused to start" in err  # rank 0's line, and rank 1's
+
+
+def test_torchrun_bad_flag_stops_both_ranks(base_data):
+    process = torchrun(tiny(*base_data, "--dap_bins", "0"))
+    _, err = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert err.count("error: argument --dap_bins: must be a positive integer") == 2
+
+
+def worker_pids(process, count=2, timeout=120):
+    """The main.py workers that torchrun (process) started: its children."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        pids = []
+        for entry in os.listdir("/proc"):
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except (OSError, ValueError):
+                continue
+            if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == process.pid:
+                pids.append(int(entry))
+        if len(pids) >= count:
+            return sorted(pids)
+        time.sleep(0.5)
+    raise AssertionError("the workers did not start")
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigstop"])
+def test_torchrun_a_worker_that_dies_or_freezes_does_not_hang_the_other(how, base_data, tmp_path):
+    out = tmp_path / "out"
+    process = torchrun(tiny(*base_data, "--output_dir", out, "--epochs", "50", "--dist_timeout", "0.1",
+                            "--print_freq", "1"))
+    try:
+        for line in process.stdout:  # rank 0 prints; wait until training runs
+            if "Epoch: [0]" in line:
+                break
+        victim = worker_pids(process)[-1]
+        os.kill(victim, signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
+        _, err = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    if how == "sigstop":  # the survivor names itself and the timeout
+        assert "lost the other processes" in err, err[-3000:]
