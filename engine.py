@@ -98,6 +98,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
                 step_values = train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp)
             except TrainingDiverged as err:
                 raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step_index}: {err}") from None
+            utils.heartbeat(f"epoch {epoch}, step {step_index}")
             if ema is not None:
                 ema.update(model)
             if log_file is not None:
@@ -186,7 +187,8 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, pri
     metric_logger = utils.MetricLogger(delimiter="  ")
     coco_evaluator = CocoEvaluator(base_ds, ("bbox",))
 
-    for samples, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
+    for batch_index, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, "Test:")):
+        utils.heartbeat(f"evaluation, batch {batch_index}")
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
 

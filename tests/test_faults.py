@@ -609,6 +609,8 @@ def test_torchrun_a_worker_that_dies_or_freezes_does_not_hang_the_other(how, bas
             if "Epoch: [0]" in line:
                 break
         victim = worker_pids(process)[-1]
+        variables = Path(f"/proc/{victim}/environ").read_text().split("\0")
+        environ = dict(item.split("=", 1) for item in variables if "=" in item)
         os.kill(victim, signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
         _, err = process.communicate(timeout=240)
     finally:
@@ -617,3 +619,4 @@ def test_torchrun_a_worker_that_dies_or_freezes_does_not_hang_the_other(how, bas
     assert process.returncode != 0
     if how == "sigstop":  # the survivor names itself and the timeout
         assert "lost the other processes" in err, err[-3000:]
+        assert f"rank {environ['RANK']} last answered" in err, err[-3000:]

@@ -340,3 +340,39 @@ def on_main_process(fn, *args):
     if error is not None:
         raise error
     return result
+
+
+# ----------------------------------------------------------------------------- heartbeats
+# Each process records in the process group's key-value store when it last finished a training
+# step. When a collective operation times out, the survivors read them to name the process that
+# stopped answering.
+
+def _store():
+    return dist.distributed_c10d._get_default_store()
+
+
+def heartbeat(where):
+    """Record that this process is alive at `where` (e.g. 'epoch 3, step 120')."""
+    if is_dist_avail_and_initialized():
+        _store().set(f"dap-detr/heartbeat/{get_rank()}", f"{time.time()} {where}")
+
+
+def silent_processes(world_size):
+    """Who has not reported for the longest: 'rank R, last seen Ns ago at <where>' (best effort;
+    None when the store cannot tell)."""
+    try:
+        store = _store()
+        store.set_timeout(datetime.timedelta(seconds=5))
+        seen = {}
+        for rank in range(world_size):
+            key = f"dap-detr/heartbeat/{rank}"
+            if store.check([key]):
+                stamp, where = store.get(key).decode().split(" ", 1)
+                seen[rank] = (float(stamp), where)
+        missing = [r for r in range(world_size) if r not in seen]
+        if missing:
+            return f"rank(s) {missing} never finished a training step"
+        rank, (stamp, where) = min(seen.items(), key=lambda item: item[1][0])
+        return f"rank {rank} last answered {time.time() - stamp:.0f} s ago, at {where}"
+    except Exception:  # the error path must not fail; the caller says what it knows
+        return None
