@@ -11,6 +11,7 @@ file only runs it. docs/ARCHITECTURE.md describes the layout and a training step
 import argparse
 import contextlib
 import datetime
+import os
 import re
 import signal
 import sys
@@ -358,6 +359,9 @@ def save_epoch(output_dir, epoch, log_stats, coco_evaluator, run, args):
 
 def train(args, run, sampler_train, data_loader_train, data_loader_val, base_ds, output_dir):
     """Epochs --start_epoch..--epochs: train, evaluate, log, checkpoint. Returns the last log line."""
+    if args.start_epoch >= args.epochs:
+        print(f"Nothing to train: epochs {args.start_epoch}..{args.epochs - 1} is empty (--epochs {args.epochs}); "
+              "raise --epochs to train on")
     print("Start training")
     start_time = time.time()
     n_parameters = run.n_parameters
@@ -411,8 +415,16 @@ def main(args):
         return test_stats
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
+def interrupt_handler(main_pid):
+    """SIGTERM in the CLI's process: end the run as Ctrl-C does. DataLoader workers are forked
+    with this handler; in them SIGTERM keeps its default meaning (multiprocessing ends daemonic
+    workers with it when the main process exits)."""
+    def interrupt(signum, frame):
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        raise KeyboardInterrupt
+    return interrupt
 
 
 def lost_other_processes(args, error):
@@ -437,7 +449,7 @@ def run_cli(argv=None):
     parser = OneLineParser("DETR training and evaluation script", parents=[get_args_parser()])
     args = parser.parse_args(argv)
     # SIGTERM (a scheduler, kill) ends the run as Ctrl-C does; writes under way are finished first.
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, interrupt_handler(os.getpid()))
     try:
         main(args)
     except UserInputError as e:
