@@ -218,8 +218,6 @@ def check_args(args):
 
 def set_batch_size(args):
     """Derive the per-process micro-batch from --total_batch_size (after the world size is known)."""
-    if args.accum_iter < 1:
-        raise UserInputError(f"--accum_iter must be at least 1, got {args.accum_iter}")
     if args.total_batch_size > 0:
         shares = args.world_size * args.accum_iter
         if args.total_batch_size % shares:
@@ -434,7 +432,7 @@ def lost_other_processes(args, error):
         return False
     text = str(error)
     return isinstance(error, torch.distributed.DistError) or any(
-        sign in text for sign in ("Timed out", "timed out", "Connection closed", "Connection reset", "NCCL"))
+        sign in text for sign in ("Timed out", "timed out", "timeout", "Connection closed", "Connection reset"))
 
 
 def resume_hint(args):
