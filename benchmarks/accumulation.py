@@ -16,6 +16,7 @@ import torch
 
 import main as detr_main
 import util.misc as utils
+from benchmarks import environment
 from engine import MixedPrecision, train_step
 from models import build_model
 
@@ -71,8 +72,8 @@ def main():
     p.add_argument("--size", type=int, default=800, help="image side in pixels")
     p.add_argument("--repeats", type=int, default=5)
     opts = p.parse_args()
-    print(f"device: {torch.cuda.get_device_name() if opts.device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"DETR {opts.backbone}, {opts.size} px images, 4 images per step, {opts.repeats} repeats")
+    print(environment.header(opts.device))
+    print(f"DETR {opts.backbone}, {opts.size} px images, 4 images per step, {opts.repeats} repeats")
     runs = {name: (build(flags, opts), make_step(images, micro, opts))
             for name, (flags, images, micro) in SETTINGS.items()}
     times = {name: [] for name in runs}
@@ -87,6 +88,7 @@ def main():
     print("| setting | ms / step | ratio to raw, 2 x 2 accumulated |\n| --- | --- | --- |")
     for name, median in medians.items():
         print(f"| {name} | {1000 * median:.0f} | {median / base:.2f} |")
+    print(environment.footer())
 
 
 if __name__ == "__main__":

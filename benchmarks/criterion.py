@@ -14,6 +14,7 @@ import time
 import torch
 
 import main as detr_main
+from benchmarks import environment
 from models import build_model
 
 SCALES = {
@@ -86,8 +87,8 @@ def main():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--models", nargs="+", default=["detr"], choices=sorted(SCALES))
     opts = p.parse_args()
-    print(f"device: {torch.cuda.get_device_name() if opts.device == 'cuda' else 'cpu'}, "
-          f"torch {torch.__version__}, {opts.repeats} repeats")
+    print(environment.header(opts.device))
+    print(f"{opts.repeats} repeats")
     for model in opts.models:
         s = SCALES[model]
         print(f"\n{model}: {s['images']} images x {s['queries']} queries x {s['num_classes']} classes, "
@@ -107,6 +108,7 @@ def main():
             peak = peak_memory(criterion, *inputs, opts.device)
             print(f"| {name} | {1000 * medians[name]:.1f} | {medians[name] / medians['raw']:.2f} | {peak:.0f} |",
                   flush=True)
+    print(environment.footer())
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import environment
 from models.ops.functions import (
     MSDeformAttnFunction,
     ms_deform_attn_core_pytorch,
@@ -67,6 +68,7 @@ def main():
     if device == "cuda" and not use_cuda_op:
         print("the CUDA op is not built (see models/ops/README.md): timing only the PyTorch path")
     S = int((shapes[:, 0] * shapes[:, 1]).sum())
+    print(environment.header(device))
     print(f"device {device}, levels {shapes.tolist()}, S = {S}, batch {batch}, 8 heads x 32 channels, 4 points")
 
     for name, queries in (("decoder", 300), ("encoder", S)):
@@ -83,6 +85,7 @@ def main():
                         - ms_deform_attn_core_pytorch(value, shapes_d, loc, attn)).abs().max().item()
             line += f", CUDA op {t_cuda * 1e3:.2f} ms, speed-up x{t_torch / t_cuda:.1f} (max |diff| {diff:.1e})"
         print(line, flush=True)
+    print(environment.footer())
 
 
 if __name__ == "__main__":
