@@ -65,35 +65,33 @@ def differentiable_all_reduce(tensor):
 
 class LayerRecord(NamedTuple):
     """One layer of one micro-batch, detached: what the step's other micro-batches need."""
-    counts: list              # [tp, fp], each [K, N], summed over processes
+    counts: torch.Tensor      # tp and fp stacked, [2, K, N], summed over processes
     pos_scores: torch.Tensor  # this process's positives
     pos_ious: torch.Tensor
 
 
 def merge_records(records):
     """One LayerRecord for several micro-batches: counts summed, positives concatenated."""
-    return LayerRecord([sum(r.counts[k] for r in records) for k in range(2)],
+    return LayerRecord(sum(r.counts for r in records),
                        torch.cat([r.pos_scores for r in records]), torch.cat([r.pos_ious for r in records]))
 
 
 class CountReducer:
-    """The reduce_counts of one layer (see differentiable_ap_terms): sums tp and fp over
-    processes, keeps them (detached) in .counts, and adds `offsets`, the counts of the step's
-    other micro-batches: under gradient accumulation the precision is then that of the whole
-    step, while the gradient flows through this micro-batch's own counts only."""
+    """The reduce_counts of one layer (see differentiable_ap_terms): sums the stacked tp and fp
+    over processes in one all-reduce, keeps them (detached) in .counts, and adds `offset`, the
+    counts of the step's other micro-batches: under gradient accumulation the precision is then
+    that of the whole step, while the gradient flows through this micro-batch's own counts only."""
 
-    def __init__(self, distributed, offsets=None):
+    def __init__(self, distributed, offset=None):
         self.distributed = distributed
-        self.offsets = offsets
-        self.counts = []
+        self.offset = offset
+        self.counts = None
 
     def __call__(self, counts):
         if self.distributed:
             counts = differentiable_all_reduce(counts)
-        self.counts.append(counts.detach())
-        if self.offsets is not None:
-            counts = counts + self.offsets[len(self.counts) - 1]
-        return counts
+        self.counts = counts.detach()
+        return counts if self.offset is None else counts + self.offset
 
 
 class DAPLayerResult(NamedTuple):

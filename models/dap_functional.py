@@ -154,10 +154,10 @@ def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, *, num_bins=32, si
     pos_scores, pos_ious: [P] score and IoU of each positive (matched) detection.
     neg_scores: [M] scores of the negative detections.
     num_gt: G of Eq. 1; None counts the positives (through reduce_counts), 0 gives DAP = 0.
-    reduce_counts: callable applied, in this order, to tp [K, N], fp [K, N] and, when num_gt
-        is None, to the ground-truth count (a 0-dim tensor) before precision is formed; the
-        distributed criterion passes a differentiable all-reduce here. Each process then
-        returns its own positives' share of the global DAP.
+    reduce_counts: callable applied to the counts, tp and fp stacked [2, K, N] (one call, so
+        one all-reduce), and, when num_gt is None, then to the ground-truth count (a 0-dim
+        tensor), before precision is formed; the distributed criterion passes a differentiable
+        all-reduce here. Each process then returns its own positives' share of the global DAP.
     Returns DAPTerms(dap, precision) in the dtype of pos_scores, attached to the graph.
     """
     reduce = reduce_counts if reduce_counts is not None else (lambda counts: counts)
@@ -165,7 +165,8 @@ def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, *, num_bins=32, si
     thresholds = score_thresholds(num_bins, dtype, device)
     tp, fp = soft_counts(tail_mass(pos_scores, thresholds, sigma), pos_ious,
                          tail_mass(neg_scores, thresholds, sigma), iou_thresholds)
-    precision = interpolated_precision(precision_from_counts(reduce(tp), reduce(fp)))
+    tp, fp = reduce(torch.stack([tp, fp])).unbind(0)
+    precision = interpolated_precision(precision_from_counts(tp, fp))
 
     if num_gt is None:
         num_gt = reduce(torch.tensor(float(pos_scores.numel()), dtype=dtype, device=device))

@@ -6,9 +6,15 @@ models.dap_functional.ap_matching_cost; this module holds the precision table an
 import torch
 from torch import nn
 
-from util.box_ops import box_cxcywh_to_xyxy, box_iou
+from util.box_ops import box_cxcywh_to_xyxy, paired_box_iou
 
-from .dap_functional import ap_matching_cost, class_probabilities, constant_precision
+from .dap_functional import (
+    COCO_IOU_THRESHOLDS,
+    ap_matching_cost,
+    class_probabilities,
+    constant_precision,
+    localisation_function,
+)
 from .matcher import assign_each
 
 
@@ -40,12 +46,28 @@ class DAPMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs, targets):
-        """Same inputs and output as HungarianMatcher: a list of (query idx, target idx) per image."""
-        probs = class_probabilities(outputs["pred_logits"], self.activation)  # [B, Q, C]
+        """Same inputs and output as HungarianMatcher: a list of (query idx, target idx) per image.
+
+        The whole batch at once: targets padded to the largest count of the batch, one cost
+        tensor [B, Q, T_max] and one copy of it to the host. In constant mode the cost is the
+        closed form -L̂(IoU) (the bin masses of a score sum to 1), without the [B, Q, T, N] bins."""
+        sizes = [len(t["labels"]) for t in targets]
+        batch, num_queries = outputs["pred_logits"].shape[:2]
+        most = max(sizes, default=0)
+        device = outputs["pred_boxes"].device
+        gt_boxes = torch.zeros(batch, most, 4, device=device)
+        gt_boxes[..., 2:] = 1.0  # padding: a valid box, its costs are never read
+        labels = torch.zeros(batch, most, dtype=torch.int64, device=device)
+        for i, target in enumerate(targets):
+            gt_boxes[i, :sizes[i]] = target["boxes"].float()
+            labels[i, :sizes[i]] = target["labels"]
         pred_boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"].float())
-        costs = []
-        for image_probs, image_boxes, target in zip(probs, pred_boxes, targets):
-            ious, _ = box_iou(image_boxes, box_cxcywh_to_xyxy(target["boxes"].float()))
-            scores = image_probs[:, target["labels"]]  # [Q, T]: score for each ground truth's class
-            costs.append(ap_matching_cost(scores, ious, self.precision, sigma=self.sigma))
-        return assign_each(costs)
+        ious = paired_box_iou(pred_boxes.unsqueeze(2), box_cxcywh_to_xyxy(gt_boxes).unsqueeze(1))  # [B, Q, T]
+        if self.mode == "constant":
+            cost = -localisation_function(ious, self.precision[:, :1], COCO_IOU_THRESHOLDS)[..., 0]
+        else:
+            probs = class_probabilities(outputs["pred_logits"], self.activation)  # [B, Q, C]
+            scores = probs.gather(2, labels.unsqueeze(1).expand(batch, num_queries, most))  # [B, Q, T]
+            cost = ap_matching_cost(scores, ious, self.precision, sigma=self.sigma)
+        cost = cost.cpu()  # one device-to-host copy for the batch
+        return assign_each([c[:, :n] for c, n in zip(cost, sizes)])

@@ -344,10 +344,10 @@ def test_reduce_counts_is_applied_to_gt_count_only_when_counting():
     calls = []
     args = tensors([0.3, 0.8], [0.6, 0.9], [0.5])
     differentiable_ap(*args, num_gt=4, reduce_counts=lambda t: calls.append(t.shape) or t)
-    assert calls == [(10, 32), (10, 32)]
+    assert calls == [(2, 10, 32)]  # tp and fp in one call: one all-reduce
     calls.clear()
     differentiable_ap(*args, reduce_counts=lambda t: calls.append(t.shape) or t)
-    assert calls == [(10, 32), (10, 32), ()]
+    assert calls == [(2, 10, 32), ()]
 
 
 # ---------------------------------------------------------------- gradients

@@ -311,3 +311,35 @@ def test_momentum_table_survives_checkpoint_and_resume(synthetic_coco, tmp_path,
     restore_matcher(untouched.matcher, {"model": {}}, "old.pth")
     assert torch.equal(untouched.matcher.precision, constant_precision(8))
     assert "old.pth" in capsys.readouterr().out
+
+
+def per_image_reference(matcher, outputs, targets):
+    """The cost of Eq. 11 image by image (the matcher computes the batch at once)."""
+    from models.dap_functional import class_probabilities
+    from models.matcher import assign_each
+    from util.box_ops import box_cxcywh_to_xyxy, box_iou
+    probs = class_probabilities(outputs["pred_logits"], matcher.activation)
+    costs = []
+    for image_probs, boxes, target in zip(probs, box_cxcywh_to_xyxy(outputs["pred_boxes"]), targets):
+        ious, _ = box_iou(boxes, box_cxcywh_to_xyxy(target["boxes"]))
+        costs.append(ap_matching_cost(image_probs[:, target["labels"]], ious, matcher.precision, sigma=matcher.sigma))
+    return costs, assign_each(costs)
+
+
+@pytest.mark.parametrize("mode", ["constant", "momentum"])
+@pytest.mark.parametrize("counts", [(4, 0, 3, 1), (0, 0), (2,), (7, 7, 1)])
+def test_batched_matcher_equals_the_per_image_cost(mode, counts):
+    matcher = DAPMatcher(activation="softmax", num_bins=8, sigma=0.05, mode=mode)
+    if mode == "momentum":
+        matcher.precision.copy_(torch.linspace(0.2, 0.9, 80).reshape(10, 8).cummax(-1).values)
+    for seed in range(3):
+        outputs, targets = matcher_inputs(seed, target_counts=counts)
+        costs, expected = per_image_reference(matcher, outputs, targets)
+        indices = matcher(outputs, targets)
+        for (src, tgt), (src_ref, tgt_ref), cost in zip(indices, expected, costs):
+            if mode == "momentum":  # the same arithmetic, batched: the same assignment
+                assert src.tolist() == src_ref.tolist() and tgt.tolist() == tgt_ref.tolist()
+            else:  # the closed form -L̂(u): optimal for the binned cost
+                cost = cost.numpy()
+                best = cost[linear_sum_assignment(cost)].sum()
+                assert cost[src.numpy(), tgt.numpy()].sum() == pytest.approx(best, abs=1e-6)

@@ -13,7 +13,8 @@ def box_xyxy_to_cxcywh(boxes):
 
 
 def box_area(boxes):
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    """Areas of [..., 4] xyxy boxes."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def box_iou(boxes1, boxes2):
@@ -41,9 +42,10 @@ def generalized_box_iou(boxes1, boxes2):
 
 
 def paired_box_iou(boxes1, boxes2):
-    """IoU of corresponding rows of two [N,4] xyxy box tensors (the diagonal of box_iou)."""
-    top_left = torch.max(boxes1[:, :2], boxes2[:, :2])
-    bottom_right = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    """IoU of corresponding xyxy boxes of two [..., 4] tensors that broadcast against each other
+    ([N,4] and [N,4]: the diagonal of box_iou; [B,Q,1,4] and [B,1,T,4]: every pair per image)."""
+    top_left = torch.max(boxes1[..., :2], boxes2[..., :2])
+    bottom_right = torch.min(boxes1[..., 2:], boxes2[..., 2:])
     inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
     union = box_area(boxes1) + box_area(boxes2) - inter
     return inter / union
