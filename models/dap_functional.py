@@ -10,6 +10,7 @@ the step in IoU is replaced by a piecewise-linear function.
 Notation: N score thresholds x_i = i / N, Gaussian score smoothing of width sigma, K IoU
 thresholds alpha_k (COCO's ten by default). Every count and precision table is [K, N].
 """
+import functools
 import math
 from typing import NamedTuple
 
@@ -25,14 +26,29 @@ class DAPTerms(NamedTuple):
     precision: torch.Tensor  # [K, N] interpolated precision P_k^i (section 3.4)
 
 
+# The constant tensors of every call are made once per (size, dtype, device) and reused: no
+# small tensor is created on the device at each call. Nothing writes into them.
+
+@functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)  # a normal tensor even when first asked for under inference mode
+def _score_thresholds(num_bins, dtype, device):
+    return (torch.arange(num_bins, dtype=torch.float64, device=device) / num_bins).to(dtype)
+
+
 def score_thresholds(num_bins, dtype, device=None):
     """x_i = i / N for i = 0..N-1."""
-    return (torch.arange(num_bins, dtype=torch.float64, device=device) / num_bins).to(dtype)
+    return _score_thresholds(num_bins, dtype, torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)
+def _iou_threshold_tensor(iou_thresholds, dtype, device):
+    return torch.as_tensor(iou_thresholds, dtype=torch.float64, device=device).to(dtype)
 
 
 def iou_threshold_tensor(iou_thresholds, dtype, device=None):
     # Made in float64 and then cast, so an IoU equal to the decimal in `dtype` compares equal.
-    return torch.as_tensor(iou_thresholds, dtype=torch.float64, device=device).to(dtype)
+    return _iou_threshold_tensor(tuple(float(a) for a in iou_thresholds), dtype, torch.device(device or "cpu"))
 
 
 def normal_cdf(z):

@@ -434,3 +434,12 @@ def test_interpolated_precision_value_is_cummax_and_ties_go_to_the_lowest_bin():
     rows = [torch.autograd.grad(envelope[0, i], p, retain_graph=True)[0][0].tolist() for i in range(5)]
     # bins 0 and 1 tie within rounding: bins 1 and 2 take bin 0's gradient; 3 and 4 tie exactly.
     assert rows == [[1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 0]]
+
+
+def test_constant_tensors_are_made_once_and_usable_after_inference_mode():
+    with torch.inference_mode():  # first made here: still a normal tensor
+        first = score_thresholds(8, torch.float32)
+    assert score_thresholds(8, torch.float32) is first and not first.is_inference()
+    scores = torch.rand(4, requires_grad=True)
+    differentiable_ap(scores, torch.rand(4), torch.rand(9), num_bins=8).backward()
+    assert scores.grad is not None
