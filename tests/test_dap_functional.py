@@ -438,8 +438,8 @@ def test_interpolated_precision_value_is_cummax_and_ties_go_to_the_lowest_bin():
 
 def test_constant_tensors_are_made_once_and_usable_after_inference_mode():
     with torch.inference_mode():  # first made here: still a normal tensor
-        first = score_thresholds(8, torch.float32)
-    assert score_thresholds(8, torch.float32) is first and not first.is_inference()
+        first = score_thresholds(13, torch.float32)
+    assert score_thresholds(13, torch.float32) is first and not first.is_inference()
     scores = torch.rand(4, requires_grad=True)
-    differentiable_ap(scores, torch.rand(4), torch.rand(9), num_bins=8).backward()
+    differentiable_ap(scores, torch.rand(4), torch.rand(9), num_bins=13).backward()
     assert scores.grad is not None
