@@ -83,3 +83,12 @@ def build_rtdetr(*flags):
 def rtdetr_targets():
     return [{"labels": torch.tensor([3, 0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]])},
             {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.5]])}]
+
+
+def reference_giou(a, b):
+    """Generalized IoU of two xyxy boxes given as sequences of floats, written out (the tests'
+    reference for util.box_ops)."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return inter / union - (hull - union) / hull

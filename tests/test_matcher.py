@@ -7,6 +7,8 @@ import torch
 
 from models.matcher import HungarianMatcher, assign_per_image, build_matcher
 
+from conftest import reference_giou
+
 
 def random_boxes(n, generator):
     """Valid normalised cxcywh boxes."""
@@ -21,12 +23,6 @@ def reference_cost(logits, pred_boxes, labels, tgt_boxes, w_class, w_bbox, w_gio
         cx, cy, w, h = (float(v) for v in b)
         return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
 
-    def giou(a, b):
-        inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-        hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
-        return inter / union - (hull - union) / hull
-
     cost = [[0.0] * len(labels) for _ in range(len(logits))]
     for q in range(len(logits)):
         z = [math.exp(float(v)) for v in logits[q]]
@@ -34,7 +30,7 @@ def reference_cost(logits, pred_boxes, labels, tgt_boxes, w_class, w_bbox, w_gio
             prob = z[int(labels[t])] / sum(z)
             l1 = sum(abs(float(a) - float(b)) for a, b in zip(pred_boxes[q], tgt_boxes[t]))
             cost[q][t] = (-w_class * prob + w_bbox * l1
-                          - w_giou * giou(xyxy(pred_boxes[q]), xyxy(tgt_boxes[t])))
+                          - w_giou * reference_giou(xyxy(pred_boxes[q]), xyxy(tgt_boxes[t])))
     return cost
 
 

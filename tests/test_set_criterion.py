@@ -12,6 +12,8 @@ from models.detr import SetCriterion
 from models.matcher import HungarianMatcher
 from models.set_criterion import StepContext, with_aux_weights
 
+from conftest import reference_giou
+
 NUM_CLASSES = 3  # logits have 4 columns; column 3 = no object
 EOS = 0.1
 
@@ -68,17 +70,11 @@ def reference_losses(outputs, targets, indices, num_boxes):
     def xyxy(cx, cy, w, h):
         return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
 
-    def giou(a, c):
-        inter = max(0.0, min(a[2], c[2]) - max(a[0], c[0])) * max(0.0, min(a[3], c[3]) - max(a[1], c[1]))
-        union = (a[2] - a[0]) * (a[3] - a[1]) + (c[2] - c[0]) * (c[3] - c[1]) - inter
-        hull = (max(a[2], c[2]) - min(a[0], c[0])) * (max(a[3], c[3]) - min(a[1], c[1]))
-        return inter / union - (hull - union) / hull
-
     l1 = giou_loss = 0.0
     for (b, q), t in matched.items():
         pred, tgt = boxes[b][q], targets[b]["boxes"][t].tolist()
         l1 += sum(abs(p - g) for p, g in zip(pred, tgt))
-        giou_loss += 1 - giou(xyxy(*pred), xyxy(*tgt))
+        giou_loss += 1 - reference_giou(xyxy(*pred), xyxy(*tgt))
 
     cardinality = sum(abs(sum(max(range(NUM_CLASSES + 1), key=lambda c: row[c]) != NUM_CLASSES for row in img)
                           - len(tgt["labels"])) for img, tgt in zip(logits, targets)) / len(logits)
