@@ -461,7 +461,7 @@ def run_cli(argv=None):
         if not lost_other_processes(args, e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        silent = utils.silent_processes(args.world_size) or "see the other processes' logs"
+        silent = utils.silent_processes(args.world_size, args.rank) or "see the other processes' logs"
         sys.stderr.write(f"error: rank {args.rank} of {args.world_size} lost the other processes "
                          f"({first[:160]}): {silent}; {resume_hint(args)}\n")
         sys.exit(1)

@@ -605,8 +605,10 @@ def test_torchrun_a_worker_that_dies_or_freezes_does_not_hang_the_other(how, bas
     process = torchrun(tiny(*base_data, "--output_dir", out, "--epochs", "50", "--dist_timeout", "0.1",
                             "--print_freq", "1"))
     try:
-        for line in process.stdout:  # rank 0 prints; wait until training runs
-            if "Epoch: [0]" in line:
+        steps_seen = 0
+        for line in process.stdout:  # rank 0 prints each step; once it printed two, both ranks
+            steps_seen += "Epoch: [0]" in line  # have recorded their first heartbeat
+            if steps_seen == 2:
                 break
         victim = worker_pids(process)[-1]
         variables = Path(f"/proc/{victim}/environ").read_text().split("\0")

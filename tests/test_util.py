@@ -8,7 +8,7 @@ from torch import nn
 from util import box_ops
 from util.checkpoint import fit_state_dict, load_checkpoint, model_state_from_checkpoint
 from util.errors import UserInputError
-from util.misc import SmoothedValue, accuracy, inverse_sigmoid, nested_tensor_from_tensor_list
+from util.misc import SmoothedValue, accuracy, inverse_sigmoid, least_advanced, nested_tensor_from_tensor_list
 
 # ----------------------------------------------------------------------------- misc
 
@@ -41,6 +41,18 @@ def test_accuracy_and_inverse_sigmoid():
     assert accuracy(logits[:0], torch.tensor([], dtype=torch.long))[0].item() == 0
     x = torch.tensor([0.1, 0.5, 0.9])
     assert torch.allclose(torch.sigmoid(inverse_sigmoid(x)), x, atol=1e-6)
+
+
+def test_least_advanced_names_another_process_never_the_caller():
+    # the CI case: rank 1 froze right after its beat; rank 0's last beat is older, since it waits
+    # inside the next step; the caller (rank 0) must name rank 1
+    seen = {0: (3, 100.0, "epoch 0, step 2"), 1: (3, 101.0, "epoch 0, step 2")}
+    assert least_advanced(seen, me=0, now=107.0) == "rank 1 last answered 6 s ago, at epoch 0, step 2"
+    # of several others, fewest beats first (the one left behind), then the oldest
+    seen = {0: (9, 50.0, "a"), 1: (9, 40.0, "b"), 2: (7, 60.0, "c"), 3: (7, 55.0, "d")}
+    assert least_advanced(seen, me=3, now=70.0) == "rank 2 last answered 10 s ago, at c"
+    assert least_advanced(seen, me=1, now=70.0) == "rank 3 last answered 15 s ago, at d"
+    assert least_advanced({0: (1, 1.0, "x")}, me=0, now=2.0) is None
 
 
 # ----------------------------------------------------------------------------- box_ops

@@ -351,15 +351,31 @@ def _store():
     return dist.distributed_c10d._get_default_store()
 
 
+_beats = 0
+
+
 def heartbeat(where):
     """Record that this process is alive at `where` (e.g. 'epoch 3, step 120')."""
+    global _beats
     if is_dist_avail_and_initialized():
-        _store().set(f"dap-detr/heartbeat/{get_rank()}", f"{time.time()} {where}")
+        _beats += 1
+        _store().set(f"dap-detr/heartbeat/{get_rank()}", f"{_beats} {time.time()} {where}")
 
 
-def silent_processes(world_size):
-    """Who has not reported for the longest: 'rank R, last seen Ns ago at <where>' (best effort;
-    None when the store cannot tell)."""
+def least_advanced(seen, me, now):
+    """Of the other processes' heartbeats seen = {rank: (beats, stamp, where)}, the one that got
+    least far: fewest beats, then the oldest. The caller itself is alive, so it is never named,
+    even when its own last beat is the oldest (it may be waiting inside the next step)."""
+    others = {rank: beat for rank, beat in seen.items() if rank != me}
+    if not others:
+        return None
+    rank, (_, stamp, where) = min(others.items(), key=lambda item: (item[1][0], item[1][1]))
+    return f"rank {rank} last answered {now - stamp:.0f} s ago, at {where}"
+
+
+def silent_processes(world_size, me):
+    """Which other process stopped answering: 'rank R last answered Ns ago, at <where>' (best
+    effort; None when the store cannot tell)."""
     try:
         store = _store()
         store.set_timeout(datetime.timedelta(seconds=5))
@@ -367,12 +383,11 @@ def silent_processes(world_size):
         for rank in range(world_size):
             key = f"dap-detr/heartbeat/{rank}"
             if store.check([key]):
-                stamp, where = store.get(key).decode().split(" ", 1)
-                seen[rank] = (float(stamp), where)
-        missing = [r for r in range(world_size) if r not in seen]
+                beats, stamp, where = store.get(key).decode().split(" ", 2)
+                seen[rank] = (int(beats), float(stamp), where)
+        missing = [r for r in range(world_size) if r not in seen and r != me]
         if missing:
             return f"rank(s) {missing} never finished a training step"
-        rank, (stamp, where) = min(seen.items(), key=lambda item: item[1][0])
-        return f"rank {rank} last answered {time.time() - stamp:.0f} s ago, at {where}"
+        return least_advanced(seen, me, time.time())
     except Exception:  # the error path must not fail; the caller says what it knows
         return None
