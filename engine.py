@@ -179,13 +179,14 @@ def train_step(model, criterion, step, optimizer, device, max_norm, metric_logge
 
 
 @torch.no_grad()
-def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, print_freq=10):
-    """Losses and COCO box AP on the whole loader, merged across ranks.
-    Returns (stats, coco_evaluator); stats['coco_eval_bbox'] holds the 12 COCO numbers."""
+def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, print_freq=10, eval_backend="auto"):
+    """Losses and COCO box AP on the whole loader, merged across ranks; eval_backend: see
+    datasets/coco_eval.py. Returns (stats, coco_evaluator); stats['coco_eval_bbox'] holds the 12
+    COCO numbers."""
     model.eval()
     criterion.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
-    coco_evaluator = CocoEvaluator(base_ds, ("bbox",))
+    coco_evaluator = CocoEvaluator(base_ds, ("bbox",), backend=eval_backend)
 
     for batch_index, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, "Test:")):
         utils.heartbeat(f"evaluation, batch {batch_index}")

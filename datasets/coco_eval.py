@@ -1,123 +1,170 @@
-"""COCO box evaluation that works batch by batch and across processes.
+"""COCO box evaluation across processes, by a choice of evaluation backends.
 
-Each batch of predictions is matched against the ground truth right away (per-image COCOeval
-results, kept as a [categories, area ranges, images] array); at the end the arrays of all
-ranks are merged and pycocotools accumulates and summarizes them once.
+Each process collects its detections as the batches come (`update`); `synchronize_between_processes`
+gathers them, each image once; rank 0 evaluates the whole set in one pass (load results ->
+evaluate -> accumulate) and sends the 12 summary numbers to the other ranks. Evaluating the
+epoch's detections in one pass is what every fast backend supports exactly; it also gives the same
+numbers however the images were split across processes, since COCO sorts detections by score
+(stably, in image-id order) before accumulating.
+
+Backends (`--eval_backend`), all giving pycocotools' numbers bit for bit (tests/test_coco_eval.py):
+    pycocotools            the reference implementation (Python/NumPy, slow: ~50 s on COCO val);
+    hotcoco                MIT, Rust; a requirement of this project;
+    ultrafast-pycocotools  BSD-2, Rust, pycocotools' API; used when installed.
+`auto` (the default) takes the fastest installed, in the order measured by benchmarks/coco_eval.py.
 """
 import contextlib
 import copy
+import importlib.util
 import io
 
 import numpy as np
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+import torch.distributed as dist
 
-from util.misc import all_gather
+from util.errors import UserInputError
+from util.misc import all_gather, get_rank, is_dist_avail_and_initialized
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
+# fastest first: what 'auto' picks from (docs/RESULTS.md, "COCO evaluation")
+BACKENDS = ("hotcoco", "ultrafast-pycocotools", "pycocotools")
+_MODULES = {"hotcoco": "hotcoco", "ultrafast-pycocotools": "ultrafast_pycocotools", "pycocotools": "pycocotools"}
+
+
+def installed_backends():
+    return [name for name in BACKENDS if importlib.util.find_spec(_MODULES[name]) is not None]
+
+
+def resolve_backend(name="auto"):
+    """The backend to use for `name` ('auto' or one of BACKENDS); refuses one that is not installed."""
+    installed = installed_backends()
+    if name == "auto":
+        if not installed:
+            raise UserInputError("no COCO evaluation backend is installed; pip install hotcoco (or pycocotools)")
+        return installed[0]
+    if name not in BACKENDS:
+        raise UserInputError(f"--eval_backend {name!r} is not one of auto, {', '.join(BACKENDS)}")
+    if name not in installed:
+        raise UserInputError(f"--eval_backend {name} is not installed; pip install {name}, or choose one of: "
+                             f"auto, {', '.join(installed)}")
+    return name
+
 
 class CocoEvaluator:
-    def __init__(self, coco_gt, iou_types=("bbox",)):
+    """Upstream DETR's interface: update() per batch, then synchronize_between_processes(),
+    accumulate(), summarize(); coco_eval['bbox'].stats holds the 12 numbers (STAT_NAMES) on every
+    rank, and on rank 0 coco_eval['bbox'] is the backend's COCOeval (its .eval holds the
+    precision, recall and scores arrays)."""
+
+    def __init__(self, coco_gt, iou_types=("bbox",), backend="auto"):
         unsupported = [t for t in iou_types if t != "bbox"]
         if unsupported:
             raise ValueError(f"unsupported iou types {unsupported}; only 'bbox' is implemented")
-        self.coco_gt = copy.deepcopy(coco_gt)
+        self.coco_gt = coco_gt
         self.iou_types = tuple(iou_types)
-        self.coco_eval = {t: COCOeval(self.coco_gt, iouType=t) for t in self.iou_types}
-        self.img_ids = []
-        self.eval_imgs = {t: [] for t in self.iou_types}
+        self.backend = resolve_backend(backend)
+        self.coco_eval = {}  # filled by accumulate()
+        self.img_ids = []  # the images seen, each once, in the order they came
+        self._detections = []  # per update: [n, 7] rows of (image id, x, y, w, h, score, category)
+        self._summary = ""
 
     def update(self, predictions):
-        """predictions: {image_id: {'boxes': [N,4] absolute xyxy, 'scores': [N], 'labels': [N]}}."""
-        img_ids = sorted({int(i) for i in predictions})
-        self.img_ids.extend(img_ids)
-        coco_dt = load_results(self.coco_gt, to_coco_results(predictions))
-        for t, coco_eval in self.coco_eval.items():
-            coco_eval.cocoDt = coco_dt
-            coco_eval.params.imgIds = img_ids
-            self.eval_imgs[t].append(evaluate(coco_eval))
+        """predictions: {image_id: {'boxes': [N,4] absolute xyxy, 'scores': [N], 'labels': [N]}}.
+        An image seen before (a DistributedSampler pads with repeats) keeps its first predictions."""
+        seen = set(self.img_ids)
+        for image_id, pred in predictions.items():
+            image_id = int(image_id)
+            if image_id in seen:
+                continue
+            seen.add(image_id)
+            self.img_ids.append(image_id)
+            self._detections.append(detection_rows(image_id, pred))
 
     def synchronize_between_processes(self):
-        for t, coco_eval in self.coco_eval.items():
-            if self.eval_imgs[t]:
-                local = np.concatenate(self.eval_imgs[t], axis=2)
-            else:  # this rank saw no images
-                local = np.empty((len(coco_eval.params.catIds), len(coco_eval.params.areaRng), 0),
-                                 dtype=object)
-            img_ids, eval_imgs = merge(all_gather(self.img_ids), all_gather(local))
-            set_eval_imgs(coco_eval, img_ids, eval_imgs)
+        """Gather every rank's images and detections; each image keeps the detections of the first
+        rank (in rank order) that saw it."""
+        local = (self.img_ids, np.concatenate(self._detections) if self._detections else np.zeros((0, 7)))
+        img_ids, detections = [], []
+        for rank_img_ids, rank_detections in all_gather(local):
+            known = set(img_ids)
+            new = [i for i in rank_img_ids if i not in known]
+            img_ids.extend(new)
+            detections.append(rank_detections[np.isin(rank_detections[:, 0], new)])
+        self.img_ids = img_ids
+        self._detections = [np.concatenate(detections)]
 
     def accumulate(self):
-        for coco_eval in self.coco_eval.values():
-            coco_eval.accumulate()
+        """Evaluate on rank 0; the other ranks receive the 12 numbers."""
+        stats = None
+        if get_rank() == 0:
+            coco_eval = evaluate_detections(self.coco_gt, self._detections[0], sorted(self.img_ids),
+                                            self.backend)
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                coco_eval.summarize()
+            self._summary = printed.getvalue()
+            stats = np.asarray(coco_eval.stats, dtype=np.float64)
+            self.coco_eval["bbox"] = coco_eval
+        if is_dist_avail_and_initialized():
+            shared = [stats]
+            dist.broadcast_object_list(shared, src=0)
+            stats = shared[0]
+        if get_rank() != 0:
+            self.coco_eval["bbox"] = RankSummary(stats)
 
     def summarize(self):
-        for t, coco_eval in self.coco_eval.items():
-            print(f"IoU metric: {t}")
-            coco_eval.summarize()
+        print("IoU metric: bbox")
+        print(self._summary, end="")
 
     def stats(self, iou_type="bbox"):
-        """The 12 summary numbers (see STAT_NAMES) as floats; -1 where there is no ground truth.
-        Needs accumulate(); summarizes silently if summarize() was not called."""
-        coco_eval = self.coco_eval[iou_type]
-        if len(coco_eval.stats) == 0:
-            with contextlib.redirect_stdout(io.StringIO()):
-                coco_eval.summarize()
-        return [float(s) for s in coco_eval.stats]
+        """The 12 summary numbers (see STAT_NAMES) as floats; -1 where there is no ground truth."""
+        return [float(s) for s in self.coco_eval[iou_type].stats]
 
 
-def to_coco_results(predictions):
-    """Flatten per-image predictions into COCO result dicts with xywh boxes."""
-    results = []
-    for image_id, pred in predictions.items():
-        boxes, scores, labels = (pred[k].tolist() for k in ("boxes", "scores", "labels"))
-        for (x0, y0, x1, y1), score, label in zip(boxes, scores, labels):
-            results.append({"image_id": int(image_id), "category_id": int(label),
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
-    return results
+class RankSummary:
+    """What ranks other than 0 hold in coco_eval['bbox']: the 12 numbers rank 0 computed."""
+
+    def __init__(self, stats):
+        self.stats = np.asarray(stats, dtype=np.float64)
+        self.eval = None
 
 
-def load_results(coco_gt, results):
-    if not results:  # loadRes cannot take an empty list
-        return COCO()
-    with contextlib.redirect_stdout(io.StringIO()):
-        return coco_gt.loadRes(results)
+def detection_rows(image_id, pred):
+    """One image's predictions as [N, 7] float64 rows (image id, x, y, w, h, score, category);
+    the width and height are taken in float64, as pycocotools does with Python floats."""
+    boxes = pred["boxes"].detach().cpu().double().numpy().reshape(-1, 4)
+    rows = np.empty((len(boxes), 7))
+    rows[:, 0] = image_id
+    rows[:, 1:3] = boxes[:, :2]
+    rows[:, 3:5] = boxes[:, 2:] - boxes[:, :2]
+    rows[:, 5] = pred["scores"].detach().cpu().double().numpy()
+    rows[:, 6] = pred["labels"].detach().cpu().numpy()
+    return rows
 
 
-def evaluate(coco_eval):
-    """COCOeval.evaluate without its prints; returns the per-image results as an object array
-    [categories, area ranges, images] (entries are dicts, or None where an image has neither
-    ground truth nor detections of that category)."""
-    p = coco_eval.params
-    p.imgIds = list(np.unique(p.imgIds))
-    if p.useCats:
-        p.catIds = list(np.unique(p.catIds))
-    p.maxDets = sorted(p.maxDets)
-    coco_eval._prepare()
-    cat_ids = p.catIds if p.useCats else [-1]
-    coco_eval.ious = {(img_id, cat_id): coco_eval.computeIoU(img_id, cat_id)
-                      for img_id in p.imgIds for cat_id in cat_ids}
-    max_det = p.maxDets[-1]
-    per_image = [coco_eval.evaluateImg(img_id, cat_id, area_rng, max_det)
-                 for cat_id in cat_ids for area_rng in p.areaRng for img_id in p.imgIds]
-    eval_imgs = np.empty(len(per_image), dtype=object)
-    eval_imgs[:] = per_image
-    return eval_imgs.reshape(len(cat_ids), len(p.areaRng), len(p.imgIds))
+def evaluate_detections(coco_gt, detections, img_ids, backend):
+    """Run `backend` on a pycocotools COCO ground truth and [N, 7] detection rows over the images
+    img_ids; returns the backend's COCOeval after evaluate() and accumulate()."""
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools narrates every step
+        if backend == "hotcoco":
+            import hotcoco
 
-
-def merge(img_ids_per_rank, eval_imgs_per_rank):
-    """Concatenate the ranks' image ids and per-image results, keeping each image once (the
-    DistributedSampler pads the last batch with repeats), in sorted image-id order."""
-    img_ids = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in img_ids_per_rank])
-    eval_imgs = np.concatenate(eval_imgs_per_rank, axis=2)
-    img_ids, first = np.unique(img_ids, return_index=True)
-    return img_ids.tolist(), eval_imgs[..., first]
-
-
-def set_eval_imgs(coco_eval, img_ids, eval_imgs):
-    """Install merged per-image results so that COCOeval.accumulate() can run on them."""
-    coco_eval.evalImgs = list(eval_imgs.flatten())
-    coco_eval.params.imgIds = img_ids
-    coco_eval._paramsEval = copy.deepcopy(coco_eval.params)
+            gt = hotcoco.COCO(coco_gt.dataset)
+            coco_eval = hotcoco.COCOeval(gt, gt.load_res(detections), "bbox")
+        else:
+            if backend == "pycocotools":
+                from pycocotools.coco import COCO
+                from pycocotools.cocoeval import COCOeval
+            else:
+                from ultrafast_pycocotools.coco import COCO
+                from ultrafast_pycocotools.cocoeval import COCOeval
+            gt = COCO()
+            gt.dataset = copy.deepcopy(coco_gt.dataset)  # COCOeval marks the ground truth's boxes
+            gt.createIndex()
+            # loadRes cannot take an empty array; an empty COCO is a result set without detections
+            coco_eval = COCOeval(gt, gt.loadRes(detections) if len(detections) else COCO(), "bbox")
+        coco_eval.params.imgIds = list(img_ids)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    return coco_eval

@@ -1,14 +1,35 @@
-"""CocoEvaluator against hand-computed COCO numbers, and the cross-rank merge."""
+"""CocoEvaluator: every backend against hand-computed COCO numbers and bit for bit against
+pycocotools run directly; the gathering of detections across ranks (simulated, and 2 gloo
+processes); the choice of backend."""
 import contextlib
+import importlib.util
 import io
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 import datasets.coco_eval as coco_eval_module
-from datasets.coco_eval import STAT_NAMES, CocoEvaluator
+import main as detr_main
+from benchmarks.coco_eval import as_predictions, synthetic_coco
+from datasets.coco_eval import BACKENDS, STAT_NAMES, CocoEvaluator, resolve_backend
+from util.errors import UserInputError
+
+from conftest import parse
+
+INSTALLED = [b for b in BACKENDS if importlib.util.find_spec(coco_eval_module._MODULES[b]) is not None]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param not in INSTALLED:
+        pytest.skip(f"{request.param} is not installed")
+    return request.param
 
 
 def make_gt(objects, num_images, categories=(1, 3)):
@@ -33,8 +54,8 @@ def prediction(boxes, scores, labels):
             "labels": torch.tensor(labels, dtype=torch.int64)}
 
 
-def run(gt, batches):
-    evaluator = CocoEvaluator(gt, ("bbox",))
+def run(gt, batches, backend="pycocotools"):
+    evaluator = CocoEvaluator(gt, ("bbox",), backend=backend)
     for batch in batches:
         evaluator.update(batch)
     evaluator.synchronize_between_processes()
@@ -48,7 +69,7 @@ def xyxy(box):
     return [x, y, x + w, y + h]
 
 
-def test_perfect_predictions(capsys):
+def test_perfect_predictions(capsys, backend):
     # One object per (image, category), so even AR@1 is 1. No medium object: APm = ARm = -1.
     objects = [(1, 1, (10, 10, 10, 10)), (1, 3, (50, 50, 100, 100)),
                (2, 1, (0, 0, 120, 90)), (3, 3, (150, 20, 20, 25))]
@@ -59,7 +80,7 @@ def test_perfect_predictions(capsys):
         p["boxes"].append(xyxy(box))
         p["scores"].append(0.9)
         p["labels"].append(cat)
-    evaluator = run(gt, [{img: prediction(**p) for img, p in preds.items()}])
+    evaluator = run(gt, [{img: prediction(**p) for img, p in preds.items()}], backend)
     evaluator.summarize()
     out = capsys.readouterr().out
     assert out.startswith("IoU metric: bbox") and out.count("Average") == 12
@@ -67,12 +88,12 @@ def test_perfect_predictions(capsys):
     assert len(STAT_NAMES) == 12
 
 
-def test_iou_between_thresholds():
+def test_iou_between_thresholds(backend):
     # GT 100x100 (large), prediction 72x100 inside it: IoU = 7200 / 10000 = 0.72. It matches
     # at IoU thresholds 0.50, 0.55, 0.60, 0.65, 0.70 (precision = recall = 1 there) and is a
     # false positive at 0.75 .. 0.95 (precision = recall = 0): AP = AR = 5 / 10.
     gt = make_gt([(1, 1, (0, 0, 100, 100))], num_images=1)
-    evaluator = run(gt, [{1: prediction([[0, 0, 72, 100]], [0.8], [1])}])
+    evaluator = run(gt, [{1: prediction([[0, 0, 72, 100]], [0.8], [1])}], backend)
     stats = dict(zip(STAT_NAMES, evaluator.stats()))
     assert stats["AP"] == pytest.approx(0.5)
     assert stats["AP50"] == pytest.approx(1) and stats["AP75"] == 0
@@ -81,7 +102,7 @@ def test_iou_between_thresholds():
     assert stats["ARs"] == stats["ARm"] == -1 and stats["ARl"] == pytest.approx(0.5)
 
 
-def test_false_positive_ranked_between_true_positives():
+def test_false_positive_ranked_between_true_positives(backend):
     # Three 40x40 (medium) GTs; detections by score: TP (0.9), FP (0.8), TP (0.7); the third
     # GT is missed. Precision by rank 1, 1/2, 2/3 at recall 1/3, 1/3, 2/3; made non-increasing
     # from the right: 1, 2/3, 2/3. Sampled at the 101 recall points r = 0, .01, .., 1: r <= .33
@@ -91,7 +112,7 @@ def test_false_positive_ranked_between_true_positives():
     gts = [(0, 0, 40, 40), (60, 0, 40, 40), (120, 0, 40, 40)]
     gt = make_gt([(1, 1, box) for box in gts], num_images=1)
     dets = prediction([xyxy(gts[0]), [0, 100, 40, 140], xyxy(gts[1])], [0.9, 0.8, 0.7], [1, 1, 1])
-    stats = dict(zip(STAT_NAMES, run(gt, [{1: dets}]).stats()))
+    stats = dict(zip(STAT_NAMES, run(gt, [{1: dets}], backend).stats()))
     for name in ("AP", "AP50", "AP75", "APm"):
         assert stats[name] == pytest.approx(56 / 101)
     assert stats["APs"] == stats["APl"] == -1
@@ -99,62 +120,204 @@ def test_false_positive_ranked_between_true_positives():
     assert stats["AR10"] == stats["AR100"] == stats["ARm"] == pytest.approx(2 / 3)
 
 
-def test_images_without_detections_count_as_misses():
+def test_images_without_detections_count_as_misses(backend):
     gt = make_gt([(1, 1, (0, 0, 100, 100)), (2, 3, (10, 10, 20, 20))], num_images=2)
     empty = prediction([], [], [])
-    stats = dict(zip(STAT_NAMES, run(gt, [{1: empty}, {2: empty}]).stats()))
+    stats = dict(zip(STAT_NAMES, run(gt, [{1: empty}, {2: empty}], backend).stats()))
     assert stats["AP"] == stats["AR100"] == stats["APl"] == stats["APs"] == 0
     assert stats["APm"] == stats["ARm"] == -1
 
 
-def random_case(seed):
-    """Four images of random GTs and noisy predictions (jittered GTs plus false positives)."""
-    rng = np.random.default_rng(seed)
-    objects, preds = [], {}
-    for img in range(1, 5):
-        own = []
-        for _ in range(rng.integers(1, 4)):
-            box = (*rng.uniform(0, 100, 2), *rng.uniform(5, 90, 2))
-            own.append((img, int(rng.choice([1, 3])), box))
-        objects += own
-        boxes = [np.array(xyxy(box)) + rng.normal(0, 3, 4) for _, _, box in own]
-        boxes += [np.array(xyxy((*rng.uniform(0, 100, 2), *rng.uniform(5, 90, 2))))
-                  for _ in range(2)]
-        labels = [cat for _, cat, _ in own] + [int(rng.choice([1, 3])) for _ in range(2)]
-        preds[img] = prediction(np.array(boxes), rng.uniform(0, 1, len(boxes)), labels)
-    return make_gt(objects, num_images=4), preds
+# ----------------------------------------------------------------------------- bit for bit against pycocotools
 
-
-def test_merge_across_ranks_matches_single_evaluator(monkeypatch):
-    gt, preds = random_case(seed=0)
-    single = run(gt, [{1: preds[1], 2: preds[2]}, {3: preds[3], 4: preds[4]}]).stats()
-    rank0_alone = run(gt, [{1: preds[1], 2: preds[2]}, {3: preds[3]}]).stats()
-    assert not np.allclose(single, rank0_alone)  # rank 1's images matter
-
-    # Two ranks as a DistributedSampler would split 4 images with padding: image 3 on both.
-    rank0, rank1 = CocoEvaluator(gt), CocoEvaluator(gt)
-    rank0.update({1: preds[1], 2: preds[2]})
-    rank0.update({3: preds[3]})
-    rank1.update({3: preds[3]})
-    rank1.update({4: preds[4]})
-    from_rank1 = iter([rank1.img_ids, np.concatenate(rank1.eval_imgs["bbox"], axis=2)])
-    monkeypatch.setattr(coco_eval_module, "all_gather", lambda obj: [obj, next(from_rank1)])
-    rank0.synchronize_between_processes()
+def ground_truth_api(ground_truth):
+    coco = COCO()
+    coco.dataset = ground_truth
     with contextlib.redirect_stdout(io.StringIO()):
-        rank0.accumulate()
-
-    coco_eval = rank0.coco_eval["bbox"]
-    assert coco_eval.params.imgIds == [1, 2, 3, 4]
-    assert len(coco_eval.evalImgs) == 2 * 4 * 4  # categories x area ranges x unique images
-    assert rank0.stats() == pytest.approx(single, abs=1e-12)
+        coco.createIndex()
+    return coco
 
 
-def test_merge_keeps_first_copy_in_id_order():
-    ids, merged = coco_eval_module.merge(
-        [[5, 2], [2, 9]],
-        [np.array([[["a5", "a2"]]], dtype=object), np.array([[["b2", "b9"]]], dtype=object)])
-    assert ids == [2, 5, 9]
-    assert merged.tolist() == [[["a2", "a5", "b9"]]]
+def pycocotools_directly(ground_truth, predictions):
+    """The reference: pycocotools' own steps on COCO result dicts made from the predictions as
+    upstream DETR makes them (Python floats from the float32 tensors), over the images given."""
+    results = []
+    for image_id, pred in predictions.items():
+        for (x0, y0, x1, y1), score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(),
+                                                  pred["labels"].tolist()):
+            results.append({"image_id": image_id, "category_id": label, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "score": score})
+    coco_gt = ground_truth_api(ground_truth)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+        coco_eval.params.imgIds = sorted(predictions)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return coco_eval
+
+
+@pytest.fixture(scope="module")
+def hard_case():
+    """60 images with what COCO treats specially: crowd boxes, categories without ground truth
+    (which detections use), images without detections, images without objects, and images with
+    more detections than maxDets (150 > 100)."""
+    ground_truth, detections = synthetic_coco(60, seed=3, num_categories=6, crowd_fraction=0.15,
+                                              detections_per_image=150, empty_categories=2)
+    predictions = as_predictions(detections)
+    for image_id in (2, 9, 31):
+        predictions[image_id] = {k: v[:0] for k, v in predictions[image_id].items()}
+    ground_truth["annotations"] = [a for a in ground_truth["annotations"] if a["image_id"] not in (5, 17)]
+    objects = {a["image_id"] for a in ground_truth["annotations"]}
+    empty_category = ground_truth["categories"][-1]["id"]
+    assert any(a["iscrowd"] for a in ground_truth["annotations"])
+    assert any(i not in objects for i in predictions)
+    assert empty_category in torch.cat([p["labels"] for p in predictions.values()]).tolist()
+    return ground_truth, predictions, pycocotools_directly(ground_truth, predictions)
+
+
+def assert_same_as(coco_eval, reference):
+    assert np.array_equal(np.asarray(coco_eval.stats), reference.stats)
+    for key in ("precision", "recall", "scores"):
+        assert coco_eval.eval[key].shape == reference.eval[key].shape
+        assert np.array_equal(coco_eval.eval[key], reference.eval[key]), key
+
+
+def test_every_backend_gives_pycocotools_numbers_bit_for_bit(backend, hard_case):
+    ground_truth, predictions, reference = hard_case
+    # the case reaches the special paths: a category without ground truth is -1 throughout, and
+    # images hold more detections than maxDets
+    assert (reference.eval["precision"][..., -1, :, :] == -1).all()
+    assert max(len(p["scores"]) for p in predictions.values()) > reference.params.maxDets[-1]
+    batches = [dict(list(predictions.items())[i:i + 4]) for i in range(0, len(predictions), 4)]
+    evaluator = run(ground_truth_api(ground_truth), batches, backend)
+    assert_same_as(evaluator.coco_eval["bbox"], reference)
+    assert evaluator.stats() == reference.stats.tolist()
+
+
+@pytest.fixture(scope="module")
+def coco_like_case():
+    ground_truth, detections = synthetic_coco(150, seed=1)
+    predictions = as_predictions(detections)
+    return ground_truth, predictions, pycocotools_directly(ground_truth, predictions)
+
+
+def test_coco_like_set_bit_for_bit(backend, coco_like_case):
+    ground_truth, predictions, reference = coco_like_case
+    evaluator = run(ground_truth_api(ground_truth), [predictions], backend)
+    assert_same_as(evaluator.coco_eval["bbox"], reference)
+
+
+def test_no_detections_at_all(backend):
+    gt = make_gt([(1, 1, (0, 0, 100, 100)), (2, 3, (10, 10, 20, 20))], num_images=2)
+    empty = prediction([], [], [])
+    assert run(gt, [{1: empty, 2: empty}], backend).stats() == [0, 0, 0, 0, -1, 0, 0, 0, 0, 0, -1, 0]
+
+
+def test_the_ground_truth_is_left_as_it_was(backend, hard_case):
+    ground_truth, predictions, _ = hard_case
+    gt = ground_truth_api(ground_truth)
+    before = repr(gt.dataset)
+    run(gt, [predictions], backend)
+    assert repr(gt.dataset) == before
+
+
+# ----------------------------------------------------------------------------- across ranks
+
+def split_like_a_distributed_sampler(predictions, ranks):
+    """Each rank's batches: images dealt round robin, the last padded with the first images
+    again, as DistributedSampler does."""
+    ids = sorted(predictions)
+    ids += ids[:(-len(ids)) % ranks]
+    return [[{i: predictions[i]} for i in ids[rank::ranks]] for rank in range(ranks)]
+
+
+def test_gathered_ranks_equal_one_process(monkeypatch, hard_case):
+    ground_truth, predictions, reference = hard_case
+    gt = ground_truth_api(ground_truth)
+    per_rank = split_like_a_distributed_sampler(predictions, 7)
+    assert sum(map(len, per_rank)) > len(predictions)  # padding repeats images
+    evaluators = [run_updates(CocoEvaluator(gt, backend="pycocotools"), batches) for batches in per_rank]
+    local = [(e.img_ids, np.concatenate(e._detections)) for e in evaluators]
+    monkeypatch.setattr(coco_eval_module, "all_gather", lambda obj: local)
+    evaluators[0].synchronize_between_processes()
+    evaluators[0].accumulate()
+    assert sorted(evaluators[0].img_ids) == sorted(predictions)  # each image once
+    assert_same_as(evaluators[0].coco_eval["bbox"], reference)
+
+
+def run_updates(evaluator, batches):
+    for batch in batches:
+        evaluator.update(batch)
+    return evaluator
+
+
+def test_an_image_seen_twice_keeps_its_first_predictions():
+    gt = make_gt([(1, 1, (0, 0, 100, 100))], num_images=1)
+    good, bad = prediction([[0, 0, 100, 100]], [0.9], [1]), prediction([[50, 50, 60, 60]], [0.9], [1])
+    assert run(gt, [{1: good}, {1: bad}]).stats()[0] == pytest.approx(1)
+    assert run(gt, [{1: bad}, {1: good}]).stats()[0] == 0
+
+
+def _rank_worker(rank, init_file, backend, batches, queue):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    ground_truth, _, _ = batches
+    evaluator = run_updates(CocoEvaluator(ground_truth_api(ground_truth), backend=backend), batches[1][rank])
+    evaluator.synchronize_between_processes()
+    evaluator.accumulate()
+    coco_eval = evaluator.coco_eval["bbox"]
+    arrays = None if coco_eval.eval is None else {k: coco_eval.eval[k] for k in ("precision", "recall", "scores")}
+    queue.put((rank, evaluator.stats(), arrays))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend_name", ["hotcoco", "pycocotools"])
+def test_two_gloo_processes_equal_one(backend_name, hard_case, tmp_path):
+    if backend_name not in INSTALLED:
+        pytest.skip(f"{backend_name} is not installed")
+    ground_truth, predictions, reference = hard_case
+    context = multiprocessing.get_context("spawn")  # fork after a Rust thread pool started is unsafe
+    queue = context.Queue()
+    work = (ground_truth, split_like_a_distributed_sampler(predictions, 2), None)
+    processes = [context.Process(target=_rank_worker, args=(r, os.fspath(tmp_path / "init"), backend_name, work,
+                                                            queue)) for r in range(2)]
+    for process in processes:
+        process.start()
+    results = dict((rank, (stats, arrays)) for rank, stats, arrays in (queue.get(timeout=120) for _ in processes))
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    assert results[0][0] == results[1][0] == reference.stats.tolist()
+    assert results[1][1] is None  # only rank 0 evaluates
+    for key, array in results[0][1].items():
+        assert np.array_equal(array, reference.eval[key]), key
+
+
+# ----------------------------------------------------------------------------- the choice of backend
+
+def test_auto_takes_the_first_installed_and_a_missing_backend_is_refused(monkeypatch):
+    monkeypatch.setattr(coco_eval_module, "installed_backends", lambda: ["ultrafast-pycocotools", "pycocotools"])
+    assert resolve_backend("auto") == "ultrafast-pycocotools"
+    assert resolve_backend("pycocotools") == "pycocotools"
+    with pytest.raises(UserInputError, match=r"^--eval_backend hotcoco is not installed; pip install hotcoco, "
+                                             r"or choose one of: auto, ultrafast-pycocotools, pycocotools$"):
+        resolve_backend("hotcoco")
+    with pytest.raises(UserInputError, match="not one of auto, hotcoco"):
+        resolve_backend("lvis")
+    monkeypatch.setattr(coco_eval_module, "installed_backends", lambda: [])
+    with pytest.raises(UserInputError, match="no COCO evaluation backend is installed; pip install hotcoco"):
+        resolve_backend("auto")
+
+
+def test_the_flag_is_checked_before_anything_loads(monkeypatch):
+    monkeypatch.setattr(coco_eval_module, "installed_backends", lambda: ["pycocotools"])
+    args = parse(["--device", "cpu", "--eval_backend", "hotcoco"])
+    with pytest.raises(UserInputError, match="--eval_backend hotcoco is not installed"):
+        detr_main.check_args(args)
+    args = parse(["--device", "cpu"])
+    detr_main.check_args(args)
+    assert args.eval_backend == "pycocotools"  # what auto resolved to is what the run records
 
 
 def test_only_bbox_is_supported():
