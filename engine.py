@@ -112,20 +112,21 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
 
 
 def counting_pass(model, criterion, step, step_targets, device, amp):
-    """First pass of an accumulated step with DAP-loss: every micro-batch forward without
-    gradients, to give the criterion the soft counts of the whole step (DAP's precision is that
-    of the step's batch, as without accumulation). Buffers (batch-norm statistics) are restored
-    afterwards. Returns (what criterion.count returned for each micro-batch, the RNG state
-    before each micro-batch), so that the second pass draws the same dropout, denoising noise
-    and input scale, hence gives the same counts. Costs one forward pass per micro-batch."""
+    """First pass of an accumulated step with DAP-loss: the micro-batches of `step` (the first
+    len(step) of the step's step_targets) forward without gradients, to give the criterion the
+    soft counts of the whole step (DAP's precision is that of the step's batch, as without
+    accumulation). Buffers (batch-norm statistics) are restored afterwards. Returns (what
+    criterion.count returned for each micro-batch, the RNG state before each micro-batch), so that
+    the gradient pass draws the same dropout, denoising noise and input scale, hence gives the same
+    counts. Costs one forward pass per micro-batch counted."""
     buffers = [(b, b.clone()) for b in model.buffers()]
     rng_states, counted = [], []
     with torch.no_grad():
-        for i, ((samples, _), targets) in enumerate(zip(step, step_targets)):
+        for i, (samples, _) in enumerate(step):
             rng_states.append(utils.get_rng_state())
             with amp.autocast():
-                outputs = model(samples.to(device), targets)
-            counted.append(criterion.count(amp.float32(outputs), targets, StepContext(step_targets, i)))
+                outputs = model(samples.to(device), step_targets[i])
+            counted.append(criterion.count(amp.float32(outputs), step_targets[i], StepContext(step_targets, i)))
         for buffer, saved in buffers:
             buffer.copy_(saved)
     return counted, rng_states
@@ -134,16 +135,25 @@ def counting_pass(model, criterion, step, step_targets, device, amp):
 def train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp):
     """One optimisation step over its micro-batches, the (samples, targets) pairs of `step`;
     returns each micro-batch's logged values. The criterion is told the step (StepContext) and,
-    when it has DAP and the step several micro-batches, the counting pass."""
+    when it has DAP and the step several micro-batches, the counting pass.
+
+    The counting pass skips the last micro-batch: its gradient pass runs first, when the others
+    are counted, and its own counts (criterion.score) serve the others' gradient passes. That
+    saves one forward of the step; the random draws are those of the micro-batches in order, and
+    batch-norm statistics see the last micro-batch first."""
     step_targets = [[{k: v.to(device) for k, v in t.items()} for t in targets] for _, targets in step]
     optimizer.zero_grad()
-    counted, rng_states = None, None
+    order, counted, rng_states, rng_after_step = range(len(step)), None, None, None
     if len(step) > 1 and criterion.needs_counting_pass:
-        counted, rng_states = counting_pass(model, criterion, step, step_targets, device, amp)
-    step_values = []
-    for i, ((samples, _), targets) in enumerate(zip(step, step_targets)):
-        # Gradients are all-reduced once per step, on its last micro-batch.
-        last = i == len(step) - 1
+        counted, rng_states = counting_pass(model, criterion, step[:-1], step_targets, device, amp)
+        counted.append(None)  # the last micro-batch: counted by its gradient pass
+        rng_states.append(utils.get_rng_state())
+        order = [len(step) - 1, *range(len(step) - 1)]
+    step_values = {}
+    for position, i in enumerate(order):
+        samples, targets = step[i][0], step_targets[i]
+        # Gradients are all-reduced once per step, on its last backward.
+        last = position == len(step) - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             if rng_states is not None:
                 utils.set_rng_state(rng_states[i])
@@ -154,9 +164,15 @@ def train_step(model, criterion, step, optimizer, device, max_norm, metric_logge
             # matcher or the box losses with an unrelated message.
             if not utils.all_finite(outputs):
                 raise TrainingDiverged(f"the model's predictions are not finite (micro-batch {i})")
-            loss_dict = criterion(outputs, targets, StepContext(step_targets, i, counted))
+            context = StepContext(step_targets, i, counted, final_call=last)
+            if counted is not None and counted[i] is None:
+                loss_dict, counted[i] = criterion.score(outputs, targets, context)
+            else:
+                loss_dict = criterion(outputs, targets, context)
             losses = weighted_loss(loss_dict, criterion.weight_dict)
             amp.scaler.scale(losses / len(step)).backward()
+            if position == 0 and rng_states is not None:
+                rng_after_step = utils.get_rng_state()  # where drawing in order would have ended
 
         loss_value, log_values = loss_log_values(loss_dict, criterion.weight_dict)
         loss_value = float(loss_value)
@@ -164,7 +180,10 @@ def train_step(model, criterion, step, optimizer, device, max_norm, metric_logge
             terms = ", ".join(f"{k} {float(v):.4g}" for k, v in log_values.items() if not k.endswith("_unscaled"))
             raise TrainingDiverged(f"the loss is {loss_value} (micro-batch {i}); terms: {terms}")
         metric_logger.update(loss=loss_value, **log_values)
-        step_values.append({"loss": loss_value, **{k: float(v) for k, v in log_values.items()}})
+        step_values[i] = {"loss": loss_value, **{k: float(v) for k, v in log_values.items()}}
+    if rng_after_step is not None:
+        utils.set_rng_state(rng_after_step)
+    step_values = [step_values[i] for i in range(len(step))]
 
     amp.scaler.unscale_(optimizer)  # clip and check the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)

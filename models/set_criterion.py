@@ -15,10 +15,14 @@ or many. Without ``step`` the batch is the whole step.
 DAP's precision is a function of the whole step's detections, which a micro-batch does not see.
 So when the step has several micro-batches and the criterion has a DAP term
 (``criterion.needs_counting_pass``), the engine first calls ``criterion.count(outputs, targets,
-step)`` on every micro-batch, without gradients (the counting pass), and hands the list of what it
-returned to the gradient pass as ``step.counted``. Layers are named by the suffix of their loss
-keys ('' for the final layer, '_0', '_enc', '_aux_1', '_dn_0', ...), and records are keyed by
-that name. The AP-cost matcher's momentum table moves once per step, after the last micro-batch.
+step)`` on every micro-batch but the last, without gradients (the counting pass), and hands the
+list of what it returned to the gradient passes as ``step.counted``. The last micro-batch's
+gradient pass runs first, as ``criterion.score(outputs, targets, step)``, which returns its
+losses and its own records (its entry of ``step.counted`` is None until then); the engine fills
+them in for the other micro-batches. ``step.final_call`` marks the step's last call. Layers are
+named by the suffix of their loss keys ('' for the final layer, '_0', '_enc', '_aux_1', '_dn_0',
+...), and records are keyed by that name. The AP-cost matcher's momentum table moves once per
+step, after the step's last call.
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -45,11 +49,15 @@ class StepContext:
         micro-batch included).
     micro_batch: the index of this call's micro-batch in `targets`.
     counted: the counting pass, when there was one: for every micro-batch, what
-        SetCriterion.count returned for it ({layer name: LayerRecord}).
+        SetCriterion.count returned for it ({layer name: LayerRecord}); None for the micro-batch
+        whose gradient pass counts itself (criterion.score).
+    final_call: whether no criterion call of this step follows; None: the micro-batches are
+        called in order, so the last micro-batch's call is the final one.
     """
     targets: list
     micro_batch: int = 0
     counted: list | None = None
+    final_call: bool | None = None
 
     @classmethod
     def single(cls, targets):
@@ -62,7 +70,7 @@ class StepContext:
 
     @property
     def is_last(self):
-        return self.micro_batch == len(self.targets) - 1
+        return self.micro_batch == len(self.targets) - 1 if self.final_call is None else self.final_call
 
     def other_micro_batches(self, layer):
         """The merged LayerRecord of `layer` in every counted micro-batch but this one; None
@@ -236,6 +244,11 @@ class BaseSetCriterion(nn.Module):
         """outputs: the model's output dict; targets: list of dicts with 'labels' [T_i] and
         'boxes' [T_i,4] (normalised cxcywh); step: a StepContext (see the module docstring),
         None when this batch is the whole step. Returns a dict of scalar losses and log values."""
+        return self.score(outputs, targets, step)[0]
+
+    def score(self, outputs, targets, step=None):
+        """forward's losses, and what count() returns for this micro-batch (its DAP layers'
+        records), here from the gradient pass itself."""
         step = step or StepContext.single(targets)
         losses, dap_results = self.compute(outputs, targets, step)
         # The momentum matcher's table moves once per step, after every layer of every
@@ -243,7 +256,7 @@ class BaseSetCriterion(nn.Module):
         update = getattr(self.matcher, "update_precision", None)
         if self.training and update is not None and FINAL_LAYER in dap_results and step.is_last:
             update(dap_results[FINAL_LAYER].precision)
-        return losses
+        return losses, {name: result.record for name, result in dap_results.items()}
 
     @torch.no_grad()
     def count(self, outputs, targets, step):

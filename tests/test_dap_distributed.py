@@ -51,8 +51,9 @@ def make_batch(seed=0):
 
 def step_losses_and_grads(criterion, layers, targets, images, micro_batches=1):
     """One optimisation step of the criterion on the given images, as the engine runs it: with
-    several micro-batches, a counting pass (criterion.count) and then each micro-batch with
-    its StepContext, its weighted total divided by their number. Returns the loss dict averaged over
+    several micro-batches, a counting pass (criterion.count) of all but the last, then each
+    micro-batch with its StepContext (the last first, counting itself: criterion.score), its
+    weighted total divided by their number. Returns the loss dict averaged over
     the micro-batches (what the engine logs) and the gradients w.r.t. the head outputs, per
     layer and output, over the images in order."""
     chunks = [images[len(images) * i // micro_batches:len(images) * (i + 1) // micro_batches]
@@ -65,17 +66,22 @@ def step_losses_and_grads(criterion, layers, targets, images, micro_batches=1):
         return {"pred_logits": chunk_leaves[-1][0], "pred_boxes": chunk_leaves[-1][1],
                 "aux_outputs": [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in chunk_leaves[:-1]]}
 
-    counted = None
-    if micro_batches > 1 and criterion.needs_counting_pass:
-        counted = [criterion.count(outputs(chunk_leaves), chunk_targets, StepContext(step_targets, i))
-                   for i, (chunk_leaves, chunk_targets) in enumerate(zip(leaves, step_targets))]
-    logged = []
-    for i, (chunk_leaves, chunk_targets) in enumerate(zip(leaves, step_targets)):
-        loss_dict = criterion(outputs(chunk_leaves), chunk_targets, StepContext(step_targets, i, counted))
+    counted, order = None, range(micro_batches)
+    if micro_batches > 1 and criterion.needs_counting_pass:  # the last micro-batch counts itself, first
+        counted = [criterion.count(outputs(leaves[i]), step_targets[i], StepContext(step_targets, i))
+                   for i in range(micro_batches - 1)] + [None]
+        order = [micro_batches - 1, *range(micro_batches - 1)]
+    logged = {}
+    for position, i in enumerate(order):
+        context = StepContext(step_targets, i, counted, final_call=position == micro_batches - 1)
+        if counted is not None and counted[i] is None:
+            loss_dict, counted[i] = criterion.score(outputs(leaves[i]), step_targets[i], context)
+        else:
+            loss_dict = criterion(outputs(leaves[i]), step_targets[i], context)
         total = sum(loss_dict[k] * w for k, w in criterion.weight_dict.items() if k in loss_dict)
         (total / micro_batches).backward()
-        logged.append({k: v.detach() for k, v in loss_dict.items()})
-    averaged = {k: sum(d[k] for d in logged) / micro_batches for k in logged[0]}
+        logged[i] = {k: v.detach() for k, v in loss_dict.items()}
+    averaged = {k: sum(logged[i][k] for i in range(micro_batches)) / micro_batches for k in logged[0]}
     grads = [torch.cat([chunk_leaves[layer][j].grad for chunk_leaves in leaves])
              for layer in range(len(layers)) for j in range(2)]
     return averaged, grads
