@@ -18,6 +18,7 @@ from .dap_functional import (
     localisation_sum,
     safe_divide,
 )
+from .matcher import matched_pairs
 
 
 def gather_detections(outputs, targets, indices, activation, neg_topk=100):
@@ -32,15 +33,13 @@ def gather_detections(outputs, targets, indices, activation, neg_topk=100):
     Returns (pos_scores [P], pos_ious [P], neg_scores [M]).
     """
     probs = class_probabilities(outputs["pred_logits"], activation)  # [B, Q, C]
-    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-    query_idx = torch.cat([src for src, _ in indices])
-    labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)])
-    gt_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)])
+    pairs = matched_pairs(targets, indices)
+    batch_idx, query_idx, labels = pairs.image, pairs.query, pairs.labels
 
     pos_scores = probs[batch_idx, query_idx, labels]
     pred_boxes = outputs["pred_boxes"][batch_idx, query_idx].float()
     pos_ious = box_ops.paired_box_iou(box_ops.box_cxcywh_to_xyxy(pred_boxes),
-                                      box_ops.box_cxcywh_to_xyxy(gt_boxes.float()))
+                                      box_ops.box_cxcywh_to_xyxy(pairs.boxes.float()))
 
     if activation == "softmax":
         unmatched = torch.ones(probs.shape[:2], dtype=torch.bool, device=probs.device)

@@ -55,12 +55,15 @@ class DAPMatcher(nn.Module):
         batch, num_queries = outputs["pred_logits"].shape[:2]
         most = max(sizes, default=0)
         device = outputs["pred_boxes"].device
+        # each target's (image, slot) in the padded [B, T_max] layout; one scatter for the batch
+        image = torch.arange(batch).repeat_interleave(torch.tensor(sizes))
+        slot = torch.cat([torch.arange(n) for n in sizes])
+        where = (image.to(device), slot.to(device))
         gt_boxes = torch.zeros(batch, most, 4, device=device)
         gt_boxes[..., 2:] = 1.0  # padding: a valid box, its costs are never read
+        gt_boxes[where] = torch.cat([t["boxes"] for t in targets]).float()
         labels = torch.zeros(batch, most, dtype=torch.int64, device=device)
-        for i, target in enumerate(targets):
-            gt_boxes[i, :sizes[i]] = target["boxes"].float()
-            labels[i, :sizes[i]] = target["labels"]
+        labels[where] = torch.cat([t["labels"] for t in targets])
         pred_boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"].float())
         ious = paired_box_iou(pred_boxes.unsqueeze(2), box_cxcywh_to_xyxy(gt_boxes).unsqueeze(1))  # [B, Q, T]
         if self.mode == "constant":

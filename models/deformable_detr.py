@@ -17,6 +17,7 @@ from .backbone import build_backbone
 from .deformable_transformer import build_deformable_transformer
 from .family import DetectorFamily, num_classes_for, param_groups_by_name
 from .layers import MLP, get_clones
+from .matcher import matched_pairs
 from .postprocess import TopKPostProcess
 from .set_criterion import BaseSetCriterion, Layer, build_criterion, set_losses, sigmoid_focal_loss, with_aux_weights
 
@@ -153,8 +154,8 @@ class SetCriterion(BaseSetCriterion):
         """Focal loss over every (query, class); a matched query's target is its ground
         truth's class, every other target is 0. Normalised by num_boxes."""
         src_logits = outputs["pred_logits"]
-        idx = self._get_src_permutation_idx(indices)
-        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        pairs = matched_pairs(targets, indices)
+        idx, target_classes_o = pairs.index, pairs.labels
         target_onehot = torch.zeros_like(src_logits)
         target_onehot[idx + (target_classes_o,)] = 1
         # mean over queries times their number: upstream's reduction, kept for identical numerics.

@@ -1,4 +1,7 @@
-"""One-to-one assignment of predictions to ground-truth boxes (Hungarian algorithm)."""
+"""One-to-one assignment of predictions to ground-truth boxes (Hungarian algorithm), and the
+matched pairs as the losses read them."""
+from typing import NamedTuple
+
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
@@ -14,6 +17,35 @@ def assign_each(costs):
     """
     indices = [linear_sum_assignment(c.detach().cpu()) for c in costs]
     return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+
+
+class MatchedPairs(NamedTuple):
+    """Every matched (query, target) pair of a batch, image after image."""
+    image: torch.Tensor   # [P] the pair's image in the batch (on the device of the matching)
+    query: torch.Tensor   # [P] its query
+    labels: torch.Tensor  # [P] its target's class (on the targets' device)
+    boxes: torch.Tensor   # [P, 4] its target's box
+
+    @property
+    def index(self):
+        """(image, query): the pairs' predictions, as an index into [B, Q, ...] outputs."""
+        return self.image, self.query
+
+
+def matched_pairs(targets, indices):
+    """The pairs of a matching (one (query indices, target indices) per image) with their
+    targets' classes and boxes: one gather from the batch's concatenated targets, not one per
+    image (which costs a kernel launch each on a GPU)."""
+    query = torch.cat([query for query, _ in indices])
+    target = torch.cat([target for _, target in indices])
+    device = target.device  # the host for the matcher's pairs, the GPU for the denoising ones
+    sizes = torch.tensor([len(q) for q, _ in indices], device=device)
+    image = torch.arange(len(indices), device=device).repeat_interleave(sizes)
+    first_target = torch.tensor([0] + [len(t["labels"]) for t in targets[:-1]], device=device).cumsum(0)
+    flat = target + first_target[image]
+    labels = torch.cat([t["labels"] for t in targets])
+    boxes = torch.cat([t["boxes"] for t in targets])
+    return MatchedPairs(image, query, labels[flat], boxes[flat])
 
 
 def assign_per_image(cost, sizes):

@@ -20,6 +20,7 @@ from util.misc import NestedTensor, nested_tensor_from_tensor_list, scaled_size
 from .denoising import denoising_match_indices
 from .family import DetectorFamily
 from .hybrid_encoder import HybridEncoder
+from .matcher import matched_pairs
 from .postprocess import TopKPostProcess
 from .presnet import build_presnet
 from .rtdetr_decoder import RTDETRDecoder
@@ -90,22 +91,21 @@ class RTDETRCriterion(BaseSetCriterion):
     def loss_map(self):
         return {"vfl": self.loss_vfl, "focal": self.loss_focal, "boxes": self.loss_boxes}
 
-    def _one_hot_targets(self, logits, targets, indices):
-        """(matched (batch, query) index, [B, Q, K] one-hot of each matched query's class)."""
-        idx = self._get_src_permutation_idx(indices)
-        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+    @staticmethod
+    def _one_hot_targets(logits, pairs):
+        """[B, Q, K] one-hot of each matched query's class (pairs: MatchedPairs)."""
         one_hot = torch.zeros_like(logits)
-        one_hot[idx + (labels,)] = 1.0
-        return idx, one_hot
+        one_hot[pairs.index + (pairs.labels,)] = 1.0
+        return one_hot
 
     def loss_vfl(self, outputs, targets, indices, totals):
         """Varifocal loss: BCE towards the matched box's IoU (detached) at its class and 0
         elsewhere; negatives weighted by alpha * p**gamma, positives by their target IoU."""
         logits = outputs["pred_logits"]
-        idx, one_hot = self._one_hot_targets(logits, targets, indices)
-        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+        pairs = matched_pairs(targets, indices)
+        idx, one_hot = pairs.index, self._one_hot_targets(logits, pairs)
         ious = box_ops.paired_box_iou(box_ops.box_cxcywh_to_xyxy(outputs["pred_boxes"][idx]),
-                                      box_ops.box_cxcywh_to_xyxy(target_boxes)).detach()
+                                      box_ops.box_cxcywh_to_xyxy(pairs.boxes)).detach()
         target_score = torch.zeros_like(logits)
         target_score[idx] = ious.to(logits.dtype)[:, None]
         target_score = target_score * one_hot
@@ -119,7 +119,7 @@ class RTDETRCriterion(BaseSetCriterion):
         """Sigmoid focal loss towards the one-hot class of the matched queries (RT-DETR's
         classification loss without IoU awareness)."""
         logits = outputs["pred_logits"]
-        _, one_hot = self._one_hot_targets(logits, targets, indices)
+        one_hot = self._one_hot_targets(logits, matched_pairs(targets, indices))
         loss = sigmoid_focal_loss(logits, one_hot, totals["num_boxes"], alpha=self.alpha, gamma=self.gamma)
         return {"loss_focal": loss * logits.shape[1]}
 

@@ -36,7 +36,7 @@ from util.misc import get_world_size, is_dist_avail_and_initialized
 
 from .dap_criterion import DAPLoss, merge_records
 from .dap_matcher import DAPMatcher
-from .matcher import HungarianMatcher
+from .matcher import HungarianMatcher, matched_pairs
 
 FINAL_LAYER = ""
 
@@ -154,22 +154,15 @@ class BaseSetCriterion(nn.Module):
 
     def loss_boxes(self, outputs, targets, indices, totals):
         """L1 and generalized-IoU losses of the matched boxes, normalised by num_boxes."""
-        idx = self._get_src_permutation_idx(indices)
-        src_boxes = outputs["pred_boxes"][idx]
-        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0)
+        pairs = matched_pairs(targets, indices)
+        src_boxes = outputs["pred_boxes"][pairs.index]
+        target_boxes = pairs.boxes
 
         loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
         loss_giou = 1 - torch.diag(box_ops.generalized_box_iou(
             box_ops.box_cxcywh_to_xyxy(src_boxes), box_ops.box_cxcywh_to_xyxy(target_boxes)))
         num_boxes = totals["num_boxes"]
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
-
-    @staticmethod
-    def _get_src_permutation_idx(indices):
-        """(batch index, query index) of every matched prediction, for advanced indexing."""
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        src_idx = torch.cat([src for src, _ in indices])
-        return batch_idx, src_idx
 
     # ------------------------------------------------------------------ step totals
 
