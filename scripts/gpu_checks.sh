@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one command for a GPU machine: build the CUDA op, compare it
 # with the PyTorch path (tests/test_ms_deform_attn.py), train with --amp on CUDA
-# (tests/test_engine.py), and time the op, the criterion and accumulated DAP steps. One log per
+# (tests/test_engine.py), and time the op, the criterion, accumulated DAP steps, whole training
+# steps (where the time goes, raw against DAP) and COCO evaluation on the machine's CPUs. One log per
 # step in $OUT (or outputs/gpu_checks); every step runs even if an earlier one failed; exit 1 if
 # any failed.
 #   bash scripts/gpu_checks.sh
 # PYTHON picks the interpreter (default python3), TORCH_CUDA_ARCH_LIST the build (default 9.0,
-# Hopper). Wheels in .whl/ (e.g. pycocotools, which engine.py needs) are installed to /tmp/site
-# first, for machines that cannot reach a package index.
+# Hopper). Wheels in .whl/ (pycocotools and hotcoco, which engine.py needs; ultrafast-pycocotools
+# and faster-coco-eval for the evaluation benchmark) are installed to /tmp/site first, for machines
+# that cannot reach a package index.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-outputs/gpu_checks}"
@@ -38,4 +40,6 @@ step test_engine "$PYTHON" -m pytest -q -rs tests/test_engine.py
 step bench_ms_deform_attn "$PYTHON" -m benchmarks.ms_deform_attn
 step bench_criterion "$PYTHON" -m benchmarks.criterion --device cuda --models detr deformable_detr
 step bench_accumulation "$PYTHON" -m benchmarks.accumulation --device cuda
+step bench_step_profile "$PYTHON" -m benchmarks.step_profile --device cuda --batch_size 4 --repeats 5
+step bench_coco_eval "$PYTHON" -m benchmarks.coco_eval --sizes 500 5000
 exit $failed

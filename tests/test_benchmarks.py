@@ -2,6 +2,8 @@
 import os
 import re
 
+import torch
+
 from benchmarks import environment
 
 
@@ -11,3 +13,24 @@ def test_header_names_machine_torch_commit_and_load():
     assert re.search(r"commit ([0-9a-f]{7,}\+?|unknown)", line)
     assert re.search(r"before: load average [\d.]+ [\d.]+ [\d.]+$", line)
     assert environment.footer().startswith("after: load average ")
+
+
+def test_step_profile_times_every_phase_of_a_real_step(tmp_path):
+    from argparse import Namespace
+
+    from benchmarks import step_profile
+    from datasets.synthetic import make_synthetic_coco
+
+    info = make_synthetic_coco(str(tmp_path), num_train=4, num_val=1, image_size=64, seed=0)
+    opts = Namespace(device="cpu", batch_size=2, num_workers=0)
+    model_flags, data = step_profile.CONFIGS["tiny-demo"]
+    for loss, flags in step_profile.LOSSES.items():
+        setting = step_profile.Setting(model_flags, data, flags, opts, str(tmp_path), info["num_classes"])
+        before = [p.detach().clone() for p in setting.model.parameters()]
+        seconds = setting.step()
+        assert tuple(seconds) == step_profile.PHASES
+        assert seconds["matching"] > 0 and all(v >= 0 for v in seconds.values()), (loss, seconds)
+        # a real step: the optimizer moved the weights (DAP alone has no gradient from an untrained
+        # model whose boxes miss every object: L̂(0) = 0 and nothing is a true positive)
+        moved = any(not torch.equal(a, b) for a, b in zip(before, setting.model.parameters()))
+        assert moved or loss == "dap"
