@@ -81,9 +81,9 @@ def as_predictions(detections):
     import torch
 
     predictions = {}
-    image_ids = detections[:, 0].astype(np.int64)
-    for image_id in np.unique(image_ids):
-        rows = detections[image_ids == image_id]
+    order = np.argsort(detections[:, 0], kind="stable")  # each image's rows together, in their order
+    image_ids, starts = np.unique(detections[order, 0].astype(np.int64), return_index=True)
+    for image_id, rows in zip(image_ids, np.split(detections[order], starts[1:])):
         boxes = np.concatenate([rows[:, 1:3], rows[:, 1:3] + rows[:, 3:5]], axis=1)
         predictions[int(image_id)] = {"boxes": torch.tensor(boxes, dtype=torch.float32),
                                       "scores": torch.tensor(rows[:, 5], dtype=torch.float32),

@@ -8,10 +8,11 @@ Configurations: the demo's tiny DETR (ResNet-18, 64-wide transformer) and DETR R
 6 + 6 layers), each at the demo's image size (128 px, no augmentation) and at the paper's (COCO-
 sized 640 px images through the training pipeline: multi-scale resize to 480-800 px and random
 crops). The data is the synthetic COCO-format set; the loader is the project's (--num_workers
-workers). Each step is one batch (no accumulation); the losses are the paper's settings, raw
-(Hungarian matcher) and DAP (--loss dap --matcher dap, constant cost), timed round robin after one
-warm-up step each. Matching is the matcher's calls inside the criterion; losses are the rest of
-the criterion.
+workers), read ahead so that every loss trains on the same batches (data: the time the loop
+waited for each batch). Each step is one batch (no accumulation); the losses are the paper's
+settings, raw (Hungarian matcher) and DAP (--loss dap --matcher dap, constant cost), timed round
+robin after one warm-up step each. Matching is the matcher's calls inside the criterion; losses
+are the rest of the criterion.
 """
 import argparse
 import statistics
@@ -33,7 +34,7 @@ DEMO = dict(image_size=128, flags=["--input_scale", "0.16", "--no_train_augmenta
 PAPER = dict(image_size=640, flags=[])
 CONFIGS = {"tiny-demo": (TINY, DEMO), "tiny-paper": (TINY, PAPER), "r50-demo": (R50, DEMO), "r50-paper": (R50, PAPER)}
 LOSSES = {"raw": ["--loss", "raw"], "dap": ["--loss", "dap", "--matcher", "dap"]}
-PHASES = ("data", "forward", "matching", "losses", "backward", "optimizer")
+PHASES = ("data", "copy to device", "forward", "matching", "losses", "backward", "optimizer")
 
 
 class Clock:
@@ -59,41 +60,30 @@ class Clock:
 
 
 class Setting:
-    """A model, criterion, optimizer and loader for one (configuration, loss)."""
+    """A model, criterion and optimizer for one (configuration, loss)."""
 
-    def __init__(self, model_flags, data, loss_flags, opts, coco_path, num_classes):
+    def __init__(self, model_flags, data, loss_flags, opts, num_classes):
         args = get_args_parser().parse_args([
             *model_flags, *data["flags"], *loss_flags, "--no_pretrained_backbone", "--device", opts.device,
-            "--coco_path", coco_path, "--num_classes", str(num_classes), "--batch_size", str(opts.batch_size),
-            "--num_workers", str(opts.num_workers)])
-        args.distributed = False  # one process
+            "--num_classes", str(num_classes)])
         torch.manual_seed(0)
         family = FAMILIES[args.model]
         self.model, self.criterion, _ = build_model(args)
         self.model.to(opts.device).train()
         self.criterion.to(opts.device).train()
         self.optimizer, _ = build_optimizer(family.param_groups(self.model, args), args)
-        dataset = build_dataset("train", args, family.data_pipeline)
-        self.loader = build_data_loaders(dataset, dataset, args)[1]
-        self.batches = iter(self.loader)
         self.max_norm = args.clip_max_norm
         self.device = opts.device
         self.clock = Clock(opts.device)
         self.criterion.matcher.forward = self.clock.timing(self.criterion.matcher.forward)
 
-    def next_batch(self):
-        try:
-            return next(self.batches)
-        except StopIteration:
-            self.batches = iter(self.loader)
-            return next(self.batches)
-
-    def step(self):
-        """One training step; returns {phase: seconds}."""
+    def step(self, batch):
+        """One training step on batch = (samples, targets); returns {phase: seconds} (data: 0,
+        see loaded_batches)."""
         clock = self.clock
         clock.matching = 0.0
         start = clock.now()
-        samples, targets = self.next_batch()
+        samples, targets = batch
         samples = samples.to(self.device)
         targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
         marks = [clock.now()]
@@ -108,9 +98,32 @@ class Setting:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
         self.optimizer.step()
         marks.append(clock.now())
-        return {"data": marks[0] - start, "forward": marks[1] - marks[0], "matching": clock.matching,
-                "losses": marks[2] - marks[1] - clock.matching, "backward": marks[3] - marks[2],
-                "optimizer": marks[4] - marks[3]}
+        return {"data": 0.0, "copy to device": marks[0] - start, "forward": marks[1] - marks[0],
+                "matching": clock.matching, "losses": marks[2] - marks[1] - clock.matching,
+                "backward": marks[3] - marks[2], "optimizer": marks[4] - marks[3]}
+
+
+def loaded_batches(model_flags, data, opts, coco_path, num_classes, count):
+    """count batches from the project's training loader, and the seconds the loop waited for
+    each: every loss is timed on the same batches (the paper's pipeline draws image sizes at
+    random), and loading costs the same under every loss."""
+    args = get_args_parser().parse_args([
+        *model_flags, *data["flags"], "--no_pretrained_backbone", "--coco_path", coco_path, "--num_classes",
+        str(num_classes), "--batch_size", str(opts.batch_size), "--num_workers", str(opts.num_workers)])
+    args.distributed = False  # one process
+    torch.manual_seed(0)
+    dataset = build_dataset("train", args, FAMILIES[args.model].data_pipeline)
+    loader = build_data_loaders(dataset, dataset, args)[1]
+    batches, waits = [], []
+    while len(batches) < count:
+        start = time.perf_counter()
+        for batch in loader:
+            waits.append(time.perf_counter() - start)
+            batches.append(batch)
+            if len(batches) == count:
+                break
+            start = time.perf_counter()
+    return batches, waits
 
 
 def main():
@@ -129,14 +142,15 @@ def main():
             path = f"{tmp}/{data['image_size']}"
             info = make_synthetic_coco(path, num_train=4 * opts.batch_size, num_val=1,
                                        image_size=data["image_size"], seed=0)
-            settings = {loss: Setting(model_flags, data, flags, opts, path, info["num_classes"])
+            settings = {loss: Setting(model_flags, data, flags, opts, info["num_classes"])
                         for loss, flags in LOSSES.items()}
+            batches, waits = loaded_batches(model_flags, data, opts, path, info["num_classes"], opts.repeats + 1)
             for setting in settings.values():  # warm-up
-                setting.step()
+                setting.step(batches[0])
             times = {loss: [] for loss in settings}
-            for _ in range(opts.repeats):
+            for batch, wait in zip(batches[1:], waits[1:]):
                 for loss, setting in settings.items():
-                    times[loss].append(setting.step())
+                    times[loss].append({**setting.step(batch), "data": wait})
             medians = {loss: {phase: statistics.median(t[phase] for t in runs) for phase in PHASES}
                        for loss, runs in times.items()}
             print(f"\n{name}: ms per step (share of the step)")

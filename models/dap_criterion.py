@@ -63,10 +63,12 @@ def differentiable_all_reduce(tensor):
 
 
 class LayerRecord(NamedTuple):
-    """One layer of one micro-batch, detached: what the step's other micro-batches need."""
+    """One layer of one micro-batch, detached: what the step's other micro-batches need, and the
+    matching, which the micro-batch's own gradient pass reuses (its outputs are the same)."""
     counts: torch.Tensor      # tp and fp stacked, [2, K, N], summed over processes
     pos_scores: torch.Tensor  # this process's positives
     pos_ious: torch.Tensor
+    indices: list | None = None  # the matching: (query indices, target indices) per image
 
 
 def merge_records(records):
@@ -139,9 +141,8 @@ class DAPLoss:
             # precision table a function of this micro-batch's counts. With them the gradient
             # through the precision is that of the whole step's DAP, not of this share alone.
             others_sum = localisation_sum(others.pos_scores, others.pos_ious, terms.precision, sigma=self.sigma)
-            denominator = others_sum.new_tensor(len(COCO_IOU_THRESHOLDS) * float(num_gt))
-            through_precision = safe_divide(others_sum, denominator)
+            through_precision = safe_divide(others_sum, len(COCO_IOU_THRESHOLDS) * num_gt)
             dap = dap + (through_precision - through_precision.detach())
         dap = dap * shares
         return DAPLayerResult(-dap, dap.detach(), terms.precision.detach(),
-                              LayerRecord(reducer.counts, pos_scores.detach(), pos_ious.detach()))
+                              LayerRecord(reducer.counts, pos_scores.detach(), pos_ious.detach(), indices))

@@ -186,14 +186,17 @@ def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, *, num_bins=32, si
 
     if num_gt is None:
         num_gt = reduce(torch.tensor(float(pos_scores.numel()), dtype=dtype, device=device))
-    num_gt = torch.as_tensor(num_gt, dtype=dtype, device=device)
     # Eq. 10: the sum averaged over the IoU thresholds and divided by G.
     total = localisation_sum(pos_scores, pos_ious, precision, sigma=sigma, iou_thresholds=iou_thresholds)
     return DAPTerms(safe_divide(total, len(iou_thresholds) * num_gt), precision)
 
 
 def safe_divide(total, denominator):
-    """total / denominator, and 0 where the denominator is 0 (no ground truth: DAP = 0)."""
+    """total / denominator, and 0 where the denominator is 0 (no ground truth: DAP = 0).
+    denominator: a tensor, or a number (then no tensor is made for it, nor read back)."""
+    if not torch.is_tensor(denominator):
+        return total / denominator if denominator > 0 else total * 0.0
+    denominator = denominator.to(total.dtype)
     nonzero = denominator > 0
     return torch.where(nonzero, total / torch.where(nonzero, denominator, torch.ones_like(denominator)), 0.0)
 

@@ -72,6 +72,13 @@ class StepContext:
     def is_last(self):
         return self.micro_batch == len(self.targets) - 1 if self.final_call is None else self.final_call
 
+    def counted_matching(self, layer):
+        """The matching the counting pass made for `layer` of this micro-batch, whose outputs it
+        saw as they are now (same weights and random draws); None where it made none."""
+        records = None if self.counted is None else self.counted[self.micro_batch]
+        record = None if records is None else records.get(layer)
+        return None if record is None else record.indices
+
     def other_micro_batches(self, layer):
         """The merged LayerRecord of `layer` in every counted micro-batch but this one; None
         without a counting pass or with one micro-batch."""
@@ -215,7 +222,9 @@ class BaseSetCriterion(nn.Module):
         for layer in self.layers(outputs, targets):
             if not raw_losses and "dap" not in layer.losses:
                 continue
-            indices = layer.indices if layer.indices is not None else self.matcher(layer.outputs, layer.targets)
+            indices = layer.indices if layer.indices is not None else step.counted_matching(layer.name)
+            if indices is None:
+                indices = self.matcher(layer.outputs, layer.targets)
             layer_totals = {**totals, "num_boxes": totals["num_boxes"] * layer.box_groups}
             for name in layer.losses:
                 if name == "dap":

@@ -24,10 +24,13 @@ def test_step_profile_times_every_phase_of_a_real_step(tmp_path):
     info = make_synthetic_coco(str(tmp_path), num_train=4, num_val=1, image_size=64, seed=0)
     opts = Namespace(device="cpu", batch_size=2, num_workers=0)
     model_flags, data = step_profile.CONFIGS["tiny-demo"]
+    batches, waits = step_profile.loaded_batches(model_flags, data, opts, str(tmp_path), info["num_classes"], 3)
+    assert len(batches) == len(waits) == 3  # more than the loader's 2 batches: it starts over
+    assert [len(targets) for _, targets in batches] == [2, 2, 2]
     for loss, flags in step_profile.LOSSES.items():
-        setting = step_profile.Setting(model_flags, data, flags, opts, str(tmp_path), info["num_classes"])
+        setting = step_profile.Setting(model_flags, data, flags, opts, info["num_classes"])
         before = [p.detach().clone() for p in setting.model.parameters()]
-        seconds = setting.step()
+        seconds = setting.step(batches[0])
         assert tuple(seconds) == step_profile.PHASES
         assert seconds["matching"] > 0 and all(v >= 0 for v in seconds.values()), (loss, seconds)
         # a real step: the optimizer moved the weights (DAP alone has no gradient from an untrained

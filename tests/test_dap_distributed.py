@@ -161,3 +161,17 @@ def test_processes_and_accumulation_equal_one_batch(flags, processes, micro_batc
         assert torch.allclose(results[rank][2], single_precision, rtol=1e-5, atol=1e-7)
     if "momentum" in flags:
         assert not torch.equal(single_precision, criterion_for(flags).matcher.precision)
+
+
+def test_gradient_pass_reuses_the_counting_pass_matching(monkeypatch):
+    # Two micro-batches, 2 layers: the counting pass matches micro-batch 0 (2 calls), the
+    # gradient pass of micro-batch 1 matches it (2 calls), and micro-batch 0's gradient pass reuses
+    # its counted matching (no call); the equality tests above show the result is unchanged.
+    criterion = criterion_for(["--loss", "raw+dap", "--matcher", "dap", "--dap_cost_mode", "momentum"])
+    layers, targets = make_batch()
+    calls = []
+    matcher_class = type(criterion.matcher)
+    match = matcher_class.forward
+    monkeypatch.setattr(matcher_class, "forward", lambda self, o, t: calls.append(len(t)) or match(self, o, t))
+    step_losses_and_grads(criterion, layers, targets, list(range(NUM_IMAGES)), micro_batches=2)
+    assert calls == [NUM_IMAGES // 2] * 4
