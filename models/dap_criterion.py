@@ -30,7 +30,10 @@ def gather_detections(outputs, targets, indices, activation, neg_topk=100):
     Negatives, softmax: every unmatched query once, with its best foreground probability.
     Negatives, sigmoid: every (query, class) pair that is not a positive pair, restricted to
     the image's neg_topk highest scores (0 = all pairs).
-    Returns (pos_scores [P], pos_ious [P], neg_scores [M]).
+    Returns (pos_scores [P], pos_ious [P], neg_scores [M], neg_weights [M]): the negatives are
+    a fixed-size set, every query (softmax) or the top k pairs of every image (sigmoid), and
+    neg_weights is 1 where the entry is a negative and 0 where it is a positive; compacting them
+    would read their number back to the host.
     """
     probs = class_probabilities(outputs["pred_logits"], activation)  # [B, Q, C]
     pairs = matched_pairs(targets, indices)
@@ -42,19 +45,20 @@ def gather_detections(outputs, targets, indices, activation, neg_topk=100):
                                       box_ops.box_cxcywh_to_xyxy(pairs.boxes.float()))
 
     if activation == "softmax":
-        unmatched = torch.ones(probs.shape[:2], dtype=torch.bool, device=probs.device)
-        unmatched[batch_idx, query_idx] = False
-        neg_scores = probs.max(-1).values[unmatched]
+        neg_weights = torch.ones(probs.shape[:2], dtype=probs.dtype, device=probs.device)
+        neg_weights[batch_idx, query_idx] = 0.0
+        neg_scores = probs.max(-1).values
     else:
         # Rank the pairs on detached scores with the positives pushed below every real score,
-        # then keep only what was really a negative (k may exceed the number of negatives).
+        # then weigh out what was not a negative (k may exceed the number of negatives).
         ranking = probs.detach().clone()
         ranking[batch_idx, query_idx, labels] = -1.0
         ranking = ranking.flatten(1)
         k = ranking.shape[1] if neg_topk <= 0 else min(neg_topk, ranking.shape[1])
         top_values, top_idx = ranking.topk(k, dim=1)
-        neg_scores = probs.flatten(1).gather(1, top_idx)[top_values >= 0]
-    return pos_scores, pos_ious, neg_scores
+        neg_scores = probs.flatten(1).gather(1, top_idx)
+        neg_weights = (top_values >= 0).to(probs.dtype)
+    return pos_scores, pos_ious, neg_scores.flatten(), neg_weights.flatten()
 
 
 def differentiable_all_reduce(tensor):
@@ -129,11 +133,11 @@ class DAPLoss:
     def __call__(self, outputs, targets, indices, *, num_matched, shares, others=None):
         """num_matched: matched pairs of the step per (process, micro-batch) (G when --dap_num_gt
         is 0); shares: the number of (process, micro-batch) pairs; others: see the class."""
-        pos_scores, pos_ious, neg_scores = gather_detections(outputs, targets, indices, self.activation,
-                                                             self.neg_topk)
+        pos_scores, pos_ious, neg_scores, neg_weights = gather_detections(outputs, targets, indices, self.activation,
+                                                                          self.neg_topk)
         num_gt = self.num_gt if self.num_gt is not None else num_matched * shares
         reducer = CountReducer(is_dist_avail_and_initialized(), None if others is None else others.counts)
-        terms = differentiable_ap_terms(pos_scores, pos_ious, neg_scores, num_bins=self.num_bins,
+        terms = differentiable_ap_terms(pos_scores, pos_ious, neg_scores, neg_weights, num_bins=self.num_bins,
                                         sigma=self.sigma, num_gt=num_gt, reduce_counts=reducer)
         dap = terms.dap
         if others is not None:

@@ -57,13 +57,21 @@ def normal_cdf(z):
     return 0.5 * torch.special.erfc(-z / math.sqrt(2))
 
 
+@functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)
+def _lower_edges(num_bins, dtype, device):
+    edges = _score_thresholds(num_bins, dtype, device).clone()
+    edges[0] = -math.inf
+    return edges
+
+
 def tail_mass(scores, thresholds, sigma):
     """T_i(s) (Eq. 5): probability that a detection is counted at threshold x_i; [..., N].
 
     x_0 is read as -inf, so T_0 = 1. Evaluated as Phi(-z) rather than 1 - Phi(z) to keep
     precision far in the tail.
     """
-    lower = torch.cat([thresholds.new_full((1,), -math.inf), thresholds[1:]])
+    lower = _lower_edges(len(thresholds), thresholds.dtype, thresholds.device)
     return normal_cdf((scores.unsqueeze(-1) - lower) / sigma)
 
 
@@ -80,15 +88,17 @@ def bin_mass(scores, thresholds, sigma):
     return _mass_from_tails(tail_mass(scores, thresholds, sigma))
 
 
-def soft_counts(pos_tails, pos_ious, neg_tails, iou_thresholds):
+def soft_counts(pos_tails, pos_ious, neg_tails, iou_thresholds, neg_weights=None):
     """Soft true / false positive counts tp_k^i, fp_k^i, each [K, N] (Eq. 6, 7).
 
     Whether a positive reaches alpha_k is a step of its IoU: no gradient flows through it.
+    neg_weights: [M] 1 for the negatives to count, 0 for padding (None: count them all).
     """
     alphas = iou_threshold_tensor(iou_thresholds, pos_ious.dtype, pos_ious.device)
     reached = (pos_ious.detach().unsqueeze(0) >= alphas.unsqueeze(1)).to(pos_tails.dtype)  # [K, P]
     tp = reached @ pos_tails
-    fp = (1 - reached) @ pos_tails + neg_tails.sum(0)
+    negatives = neg_tails.sum(0) if neg_weights is None else neg_weights.to(neg_tails.dtype) @ neg_tails
+    fp = (1 - reached) @ pos_tails + negatives
     return tp, fp
 
 
@@ -110,6 +120,12 @@ def precision_from_counts(tp, fp):
 TIE_ULPS = 16
 
 
+@functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)
+def _lower_triangle(size, device):
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
+
+
 def interpolated_precision(precision):
     """P_k^i = max_{j <= i} p_k^j (section 3.4): COCO's precision envelope, taken over the
     lower score thresholds (higher recalls), so P_k^i is non-decreasing in i.
@@ -125,8 +141,7 @@ def interpolated_precision(precision):
     envelope = precision.detach().cummax(dim=-1).values  # [K, N]
     slack = TIE_ULPS * torch.finfo(precision.dtype).eps * envelope
     # near[k, i, j]: bin j <= i is tied with the envelope at bin i
-    num_bins = precision.shape[-1]
-    below = torch.ones(num_bins, num_bins, dtype=torch.bool, device=precision.device).tril()
+    below = _lower_triangle(precision.shape[-1], precision.device)
     near = (precision.detach().unsqueeze(-2) >= (envelope - slack).unsqueeze(-1)) & below
     chosen = precision.gather(-1, near.to(torch.uint8).argmax(dim=-1))  # the lowest such j
     return envelope + (chosen - chosen.detach())
@@ -140,8 +155,7 @@ def localisation_function(ious, interp_precision, iou_thresholds=COCO_IOU_THRESH
     extends the 0.90 -> 0.95 segment with its own slope. At the knots alpha_k, L̂ equals the
     step function L_i(u) = sum_k [u >= alpha_k] P_k^i that it smooths.
     """
-    alphas = iou_threshold_tensor(iou_thresholds, ious.dtype, ious.device)
-    knots = torch.cat([alphas.new_zeros(1), alphas, alphas.new_ones(1)])  # [K + 2]
+    knots = iou_threshold_tensor((0.0, *iou_thresholds, 1.0), ious.dtype, ious.device)  # [K + 2]
     cumulative = interp_precision.cumsum(dim=0)
     heights = torch.cat([torch.zeros_like(cumulative[:1]), cumulative,
                          cumulative[-1:] + interp_precision[-1:]])  # [K + 2, N]
@@ -163,12 +177,14 @@ def localisation_sum(pos_scores, pos_ious, precision, *, sigma=0.05, iou_thresho
     return (bin_mass(pos_scores, thresholds, sigma) * localisation_function(pos_ious, precision, iou_thresholds)).sum()
 
 
-def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, *, num_bins=32, sigma=0.05,
+def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, neg_weights=None, *, num_bins=32, sigma=0.05,
                             num_gt=None, iou_thresholds=COCO_IOU_THRESHOLDS, reduce_counts=None):
     """DAP (Eq. 10) and the interpolated precision table it was built from.
 
     pos_scores, pos_ious: [P] score and IoU of each positive (matched) detection.
-    neg_scores: [M] scores of the negative detections.
+    neg_scores: [M] scores of the negative detections; neg_weights: [M] 1 for a negative, 0 for
+        an entry to ignore (fixed-size negatives need no host synchronisation to compact), or
+        None when every entry is a negative.
     num_gt: G of Eq. 1; None counts the positives (through reduce_counts), 0 gives DAP = 0.
     reduce_counts: callable applied to the counts, tp and fp stacked [2, K, N] (one call, so
         one all-reduce), and, when num_gt is None, then to the ground-truth count (a 0-dim
@@ -180,7 +196,7 @@ def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, *, num_bins=32, si
     dtype, device = pos_scores.dtype, pos_scores.device
     thresholds = score_thresholds(num_bins, dtype, device)
     tp, fp = soft_counts(tail_mass(pos_scores, thresholds, sigma), pos_ious,
-                         tail_mass(neg_scores, thresholds, sigma), iou_thresholds)
+                         tail_mass(neg_scores, thresholds, sigma), iou_thresholds, neg_weights)
     tp, fp = reduce(torch.stack([tp, fp])).unbind(0)
     precision = interpolated_precision(precision_from_counts(tp, fp))
 
@@ -201,10 +217,10 @@ def safe_divide(total, denominator):
     return torch.where(nonzero, total / torch.where(nonzero, denominator, torch.ones_like(denominator)), 0.0)
 
 
-def differentiable_ap(pos_scores, pos_ious, neg_scores, *, num_bins=32, sigma=0.05, num_gt=None,
+def differentiable_ap(pos_scores, pos_ious, neg_scores, neg_weights=None, *, num_bins=32, sigma=0.05, num_gt=None,
                       iou_thresholds=COCO_IOU_THRESHOLDS, reduce_counts=None):
     """The DAP value alone (Eq. 10); the DAP-loss is its negative (Eq. 9)."""
-    return differentiable_ap_terms(pos_scores, pos_ious, neg_scores, num_bins=num_bins, sigma=sigma,
+    return differentiable_ap_terms(pos_scores, pos_ious, neg_scores, neg_weights, num_bins=num_bins, sigma=sigma,
                                    num_gt=num_gt, iou_thresholds=iou_thresholds,
                                    reduce_counts=reduce_counts).dap
 

@@ -5,6 +5,7 @@ import argparse
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from main import get_args_parser
 from models import build_model
@@ -99,11 +100,16 @@ def test_gather_detections_matches_brute_force(activation, neg_topk, seed):
             outputs["pred_logits"][b, src, targets[b]["labels"][tgt]] = 6.0
     for t in outputs.values():
         t.requires_grad_()
-    pos_s, pos_u, neg_s = gather_detections(outputs, targets, indices, activation, neg_topk)
+    pos_s, pos_u, all_neg, neg_w = gather_detections(outputs, targets, indices, activation, neg_topk)
     ref_pos, ref_neg = ref_gather(outputs, targets, indices, activation, neg_topk)
 
-    assert pos_s.dtype == pos_u.dtype == neg_s.dtype == torch.float32
+    assert pos_s.dtype == pos_u.dtype == all_neg.dtype == neg_w.dtype == torch.float32
     assert pos_s.shape == pos_u.shape == (5,)
+    # a fixed number of entries (every query; the top k pairs of every image), weighted 0 or 1
+    entries = {"softmax": 3 * 6, 0: 3 * 24, 5: 15, 23: 3 * 23, 24: 3 * 24, 1000: 3 * 24}
+    assert all_neg.shape == neg_w.shape == (entries["softmax" if activation == "softmax" else neg_topk],)
+    assert set(neg_w.tolist()) <= {0.0, 1.0}
+    neg_s = all_neg[neg_w > 0]
     expected_negatives = {"softmax": 3 * 6 - 5, 0: 3 * 24 - 5, 5: 15, 23: 21 + 23 + 22, 24: 3 * 24 - 5,
                           1000: 3 * 24 - 5}
     assert neg_s.shape == (expected_negatives["softmax" if activation == "softmax" else neg_topk],)
@@ -133,8 +139,8 @@ def test_gather_detections_matches_brute_force(activation, neg_topk, seed):
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
 def test_gather_detections_without_any_target(activation):
     outputs, targets, indices = random_layer(0, target_counts=(0, 0), num_logits=5)
-    pos_s, pos_u, neg_s = gather_detections(outputs, targets, indices, activation, neg_topk=0)
-    assert pos_s.shape == pos_u.shape == (0,)
+    pos_s, pos_u, neg_s, neg_w = gather_detections(outputs, targets, indices, activation, neg_topk=0)
+    assert pos_s.shape == pos_u.shape == (0,) and bool((neg_w == 1).all())
     probs = class_probabilities(outputs["pred_logits"], activation)
     expected = probs.max(-1).values if activation == "softmax" else probs
     torch.testing.assert_close(neg_s.sort().values, expected.flatten().sort().values)
@@ -143,7 +149,7 @@ def test_gather_detections_without_any_target(activation):
 def test_gather_detections_scores_in_float32_under_mixed_precision():
     outputs, targets, indices = random_layer(1)
     half = {"pred_logits": outputs["pred_logits"].bfloat16(), "pred_boxes": outputs["pred_boxes"].bfloat16()}
-    pos_s, pos_u, neg_s = gather_detections(half, targets, indices, "softmax")
+    pos_s, pos_u, neg_s, _ = gather_detections(half, targets, indices, "softmax")
     assert pos_s.dtype == pos_u.dtype == neg_s.dtype == torch.float32
     # softmax of the bfloat16 logits evaluated in float32, not rounded to bfloat16
     exact = outputs["pred_logits"].bfloat16().float().softmax(-1)
@@ -228,3 +234,41 @@ def test_dap_set_criterion(loss, num_gt):
         grads = torch.autograd.grad(losses["loss_dap" + suffix], [layer["pred_logits"], layer["pred_boxes"]],
                                     retain_graph=True)
         assert all(g.abs().sum() > 0 for g in grads)
+
+
+class HostReads(TorchDispatchMode):
+    """The operators that make the host wait for the device: reading a value back (item, float,
+    bool), and those whose output size depends on the data (nonzero, boolean-mask indexing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or [])
+        if name in ("_local_scalar_dense", "nonzero", "masked_select", "item") or bool_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("activation,num_logits", [("softmax", 5), ("sigmoid", 4)])
+@pytest.mark.parametrize("with_others", [False, True])
+def test_dap_loss_reads_nothing_back_to_the_host(activation, num_logits, with_others):
+    # Given the matching (the matcher runs on the host by design), a layer's DAP-loss, forward
+    # and backward, queues its work without waiting for the device, under accumulation too.
+    outputs, targets, indices = random_layer(0, num_logits=num_logits, dtype=torch.float32)
+    for t in outputs.values():
+        t.requires_grad_()
+    dap = DAPLoss(activation=activation, num_bins=8, neg_topk=7)
+    num_matched = torch.tensor(5.0)
+    others = dap(outputs, targets, indices, num_matched=num_matched, shares=2).record if with_others else None
+    with HostReads() as reads:
+        result = dap(outputs, targets, indices, num_matched=num_matched, shares=2, others=others)
+        result.loss.backward()
+    assert reads.seen == []
+    # the counter sees them where they are
+    with HostReads() as reads:
+        float(result.dap), outputs["pred_logits"][outputs["pred_logits"] > 0]
+    assert reads.seen == ["_local_scalar_dense", "index"]

@@ -443,3 +443,22 @@ def test_constant_tensors_are_made_once_and_usable_after_inference_mode():
     scores = torch.rand(4, requires_grad=True)
     differentiable_ap(scores, torch.rand(4), torch.rand(9), num_bins=13).backward()
     assert scores.grad is not None
+
+
+def test_weighted_out_negatives_count_for_nothing():
+    # The criterion's fixed-size negatives: entries of weight 0 change neither the value nor the
+    # other gradients, and get no gradient themselves.
+    g = torch.Generator().manual_seed(4)
+    pos_s, pos_u = (torch.rand(5, generator=g, dtype=torch.float64) * 0.5 + 0.5 for _ in range(2))
+    neg_s, junk = torch.rand(7, generator=g, dtype=torch.float64), torch.rand(4, generator=g, dtype=torch.float64)
+    compact = [t.clone().requires_grad_() for t in (pos_s, neg_s)]
+    padded = [t.clone().requires_grad_() for t in (pos_s, torch.cat([neg_s[:3], junk, neg_s[3:]]))]
+    weights = torch.tensor([1.0] * 3 + [0.0] * 4 + [1.0] * 4, dtype=torch.float64)
+    dap = differentiable_ap(compact[0], pos_u, compact[1], num_bins=8, sigma=0.1, num_gt=6)
+    weighted = differentiable_ap(padded[0], pos_u, padded[1], weights, num_bins=8, sigma=0.1, num_gt=6)
+    torch.testing.assert_close(weighted, dap, rtol=1e-12, atol=0)
+    dap.backward()
+    weighted.backward()
+    torch.testing.assert_close(padded[0].grad, compact[0].grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(padded[1].grad[weights > 0], compact[1].grad, rtol=1e-10, atol=1e-14)
+    assert bool((padded[1].grad[weights == 0] == 0).all()) and bool((compact[1].grad != 0).all())
