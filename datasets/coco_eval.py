@@ -66,18 +66,18 @@ class CocoEvaluator:
         self.backend = resolve_backend(backend)
         self.coco_eval = {}  # filled by accumulate()
         self.img_ids = []  # the images seen, each once, in the order they came
-        self._detections = []  # per update: [n, 7] rows of (image id, x, y, w, h, score, category)
+        self._seen = set()
+        self._detections = []  # per image: [n, 7] rows of (image id, x, y, w, h, score, category)
         self._summary = ""
 
     def update(self, predictions):
         """predictions: {image_id: {'boxes': [N,4] absolute xyxy, 'scores': [N], 'labels': [N]}}.
         An image seen before (a DistributedSampler pads with repeats) keeps its first predictions."""
-        seen = set(self.img_ids)
         for image_id, pred in predictions.items():
             image_id = int(image_id)
-            if image_id in seen:
+            if image_id in self._seen:
                 continue
-            seen.add(image_id)
+            self._seen.add(image_id)
             self.img_ids.append(image_id)
             self._detections.append(detection_rows(image_id, pred))
 
@@ -91,7 +91,7 @@ class CocoEvaluator:
             new = [i for i in rank_img_ids if i not in known]
             img_ids.extend(new)
             detections.append(rank_detections[np.isin(rank_detections[:, 0], new)])
-        self.img_ids = img_ids
+        self.img_ids, self._seen = img_ids, set(img_ids)
         self._detections = [np.concatenate(detections)]
 
     def accumulate(self):
