@@ -168,7 +168,7 @@ def get_args_parser():
     parser.add_argument("--eval", action="store_true", help="only evaluate")
     parser.add_argument("--eval_backend", default="auto", choices=("auto", *EVAL_BACKENDS),
                         help="the COCO evaluation library; all give pycocotools' numbers bit for bit. auto: the "
-                             "fastest installed (hotcoco, a requirement, ~50x pycocotools on COCO val)")
+                             "fastest installed (hotcoco, a requirement, ~100x pycocotools at COCO val's size)")
     parser.add_argument("--overwrite", action="store_true",
                         help="train into an --output_dir that holds another run, removing its logs and checkpoints "
                              "(without it such a folder is refused; --resume continues the run instead)")
