@@ -2,6 +2,7 @@
 pycocotools run directly; the gathering of detections across ranks (simulated, and 2 gloo
 processes); the choice of backend."""
 import contextlib
+import copy
 import importlib.util
 import io
 import multiprocessing
@@ -55,12 +56,19 @@ def prediction(boxes, scores, labels):
 
 
 def run(gt, batches, backend="pycocotools"):
+    """The evaluator on these batches, checked bit for bit against pycocotools run directly on
+    the same predictions (each image's first)."""
     evaluator = CocoEvaluator(gt, ("bbox",), backend=backend)
     for batch in batches:
         evaluator.update(batch)
     evaluator.synchronize_between_processes()
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.accumulate()
+    first = {}
+    for batch in batches:
+        for image_id, pred in batch.items():
+            first.setdefault(image_id, pred)
+    assert_same_as(evaluator.coco_eval["bbox"], pycocotools_directly(gt.dataset, first))
     return evaluator
 
 
@@ -147,9 +155,9 @@ def pycocotools_directly(ground_truth, predictions):
                                                   pred["labels"].tolist()):
             results.append({"image_id": image_id, "category_id": label, "bbox": [x0, y0, x1 - x0, y1 - y0],
                             "score": score})
-    coco_gt = ground_truth_api(ground_truth)
+    coco_gt = ground_truth_api(copy.deepcopy(ground_truth))
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results) if results else COCO(), "bbox")
         coco_eval.params.imgIds = sorted(predictions)
         coco_eval.evaluate()
         coco_eval.accumulate()
