@@ -8,6 +8,7 @@ import torch
 import util.misc as utils
 from datasets.coco_eval import CocoEvaluator
 from models.set_criterion import StepContext
+from util import interrupts
 from util.errors import TrainingDiverged
 
 
@@ -99,6 +100,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
             except TrainingDiverged as err:
                 raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step_index}: {err}") from None
             utils.heartbeat(f"epoch {epoch}, step {step_index}")
+            interrupts.check()
             if ema is not None:
                 ema.update(model)
             if log_file is not None:
@@ -209,6 +211,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, pri
 
     for batch_index, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, "Test:")):
         utils.heartbeat(f"evaluation, batch {batch_index}")
+        interrupts.check()
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
 

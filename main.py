@@ -11,9 +11,7 @@ file only runs it. docs/ARCHITECTURE.md describes the layout and a training step
 import argparse
 import contextlib
 import datetime
-import os
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from engine import MixedPrecision, evaluate, train_one_epoch
 from models import DEFAULT_FAMILY, FAMILIES, build_model
 from models.ema import ModelEMA
 from models.family import DetectorFamily
+from util import interrupts
 from util.args import (
     OneLineParser,
     SelectFamily,
@@ -421,18 +420,6 @@ def main(args):
         return test_stats
 
 
-def interrupt_handler(main_pid):
-    """SIGTERM in the CLI's process: end the run as Ctrl-C does. DataLoader workers are forked
-    with this handler; in them SIGTERM keeps its default meaning (multiprocessing ends daemonic
-    workers with it when the main process exits)."""
-    def interrupt(signum, frame):
-        if os.getpid() != main_pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        raise KeyboardInterrupt
-    return interrupt
-
-
 def lost_other_processes(args, error):
     """Whether a collective operation failed because another process died, hung or was stopped
     (torch.distributed's errors, and gloo's timeouts, which arrive as plain RuntimeErrors)."""
@@ -454,8 +441,8 @@ def resume_hint(args):
 def run_cli(argv=None):
     parser = OneLineParser("DETR training and evaluation script", parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    # SIGTERM (a scheduler, kill) ends the run as Ctrl-C does; writes under way are finished first.
-    signal.signal(signal.SIGTERM, interrupt_handler(os.getpid()))
+    # Ctrl-C and SIGTERM (a scheduler, kill) end the run; writes under way are finished first.
+    interrupts.install()
     try:
         main(args)
     except UserInputError as e:

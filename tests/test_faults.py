@@ -29,14 +29,15 @@ from conftest import REPO, TINY_DETR_FLAGS
 
 def cli(argv, capsys):
     """run_cli(argv): (exit status, stderr)."""
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         detr_main.run_cli([str(a) for a in argv])
         code = 0
     except SystemExit as exit_info:
         code = exit_info.code
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return code, capsys.readouterr().err
 
 

@@ -5,13 +5,12 @@ folder's lock (held until the process ends), removes the temporary files an inte
 left behind, and refuses to train into a folder that holds another run unless --resume continues
 it or --overwrite starts it over.
 """
-import contextlib
 import fcntl
 import os
 import shutil
-import signal
 from pathlib import Path
 
+from util import interrupts
 from util.errors import UserInputError
 
 LOCK_FILE = ".lock"
@@ -20,24 +19,12 @@ RUN_FILES = ("log.txt", "iterations.jsonl", "checkpoint.pth", "eval")
 TEMPORARY_SUFFIX = ".tmp"
 
 
-@contextlib.contextmanager
-def interrupts_held():
-    """SIGINT and SIGTERM wait until the block ends (then arrive as usual): a write that has
-    begun is finished. SIGKILL cannot wait; the temporary file then stays behind, unused."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def write_atomically(path, write):
     """write(temporary_path) then rename it onto path: path holds the old content or the new,
     never a part (a kill leaves at most path.tmp, removed by the next run's prepare_output_dir)."""
     path = Path(path)
     tmp = path.with_name(path.name + TEMPORARY_SUFFIX)
-    with interrupts_held():
+    with interrupts.held():
         write(tmp)
         tmp.replace(path)
 
