@@ -146,6 +146,11 @@ def detection_rows(image_id, pred):
 def evaluate_detections(coco_gt, detections, img_ids, backend):
     """Run `backend` on a pycocotools COCO ground truth and [N, 7] detection rows over the images
     img_ids; returns the backend's COCOeval after evaluate() and accumulate()."""
+    # COCO evaluates each ground-truth category on its own, so a detection of a category the
+    # ground truth lacks (a detector's head has a logit for every id below --num_classes) is
+    # never looked at; dropped here, as hotcoco would warn about each one.
+    categories = [category["id"] for category in coco_gt.dataset["categories"]]
+    detections = detections[np.isin(detections[:, 6], categories)]
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools narrates every step
         if backend == "hotcoco":
             import hotcoco

@@ -168,10 +168,12 @@ def pycocotools_directly(ground_truth, predictions):
 @pytest.fixture(scope="module")
 def hard_case():
     """60 images with what COCO treats specially: crowd boxes, categories without ground truth
-    (which detections use), images without detections, images without objects, and images with
-    more detections than maxDets (150 > 100)."""
+    (which detections use), detections of a category the ground truth does not list (0),
+    images without detections, images without objects, and images with more detections than
+    maxDets (150 > 100)."""
     ground_truth, detections = synthetic_coco(60, seed=3, num_categories=6, crowd_fraction=0.15,
                                               detections_per_image=150, empty_categories=2)
+    detections[::7, 6] = 0
     predictions = as_predictions(detections)
     for image_id in (2, 9, 31):
         predictions[image_id] = {k: v[:0] for k, v in predictions[image_id].items()}
@@ -180,7 +182,9 @@ def hard_case():
     empty_category = ground_truth["categories"][-1]["id"]
     assert any(a["iscrowd"] for a in ground_truth["annotations"])
     assert any(i not in objects for i in predictions)
-    assert empty_category in torch.cat([p["labels"] for p in predictions.values()]).tolist()
+    labels = torch.cat([p["labels"] for p in predictions.values()]).tolist()
+    assert empty_category in labels and 0 in labels
+    assert 0 not in [c["id"] for c in ground_truth["categories"]]
     return ground_truth, predictions, pycocotools_directly(ground_truth, predictions)
 
 
