@@ -98,8 +98,8 @@ class CocoEvaluator:
         """Evaluate on rank 0; the other ranks receive the 12 numbers."""
         stats = None
         if get_rank() == 0:
-            coco_eval = evaluate_detections(self.coco_gt, self._detections[0], sorted(self.img_ids),
-                                            self.backend)
+            detections = np.concatenate(self._detections) if self._detections else np.zeros((0, 7))
+            coco_eval = evaluate_detections(self.coco_gt, detections, sorted(self.img_ids), self.backend)
             printed = io.StringIO()
             with contextlib.redirect_stdout(printed):
                 coco_eval.summarize()

@@ -335,3 +335,12 @@ def test_the_flag_is_checked_before_anything_loads(monkeypatch):
 def test_only_bbox_is_supported():
     with pytest.raises(ValueError, match="segm"):
         CocoEvaluator(make_gt([], num_images=1), ("bbox", "segm"))
+
+
+def test_one_process_may_skip_the_synchronisation(hard_case):
+    ground_truth, predictions, reference = hard_case
+    evaluator = CocoEvaluator(ground_truth_api(ground_truth))
+    for image_id, prediction in predictions.items():
+        evaluator.update({image_id: prediction})
+    evaluator.accumulate()  # no synchronize_between_processes(): every image still counts
+    assert_same_as(evaluator.coco_eval["bbox"], reference)
