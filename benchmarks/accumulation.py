@@ -72,6 +72,7 @@ def main():
     p.add_argument("--size", type=int, default=800, help="image side in pixels")
     p.add_argument("--repeats", type=int, default=5)
     opts = p.parse_args()
+    environment.keep_freed_memory()  # page faults would swamp the differences measured
     print(environment.header(opts.device))
     print(f"DETR {opts.backbone}, {opts.size} px images, 4 images per step, {opts.repeats} repeats")
     runs = {name: (build(flags, opts), make_step(images, micro, opts))

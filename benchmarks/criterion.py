@@ -87,6 +87,7 @@ def main():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--models", nargs="+", default=["detr"], choices=sorted(SCALES))
     opts = p.parse_args()
+    environment.keep_freed_memory()  # page faults would swamp the differences measured
     print(environment.header(opts.device))
     print(f"{opts.repeats} repeats")
     for model in opts.models:

@@ -134,6 +134,7 @@ def main():
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per setting")
     opts = p.parse_args()
+    environment.keep_freed_memory()  # page faults would swamp the differences measured
     print(environment.header(opts.device))
     print(f"{opts.batch_size} images per step, {opts.num_workers} loader workers, median of {opts.repeats} steps")
     with tempfile.TemporaryDirectory() as tmp:

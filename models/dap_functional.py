@@ -51,12 +51,6 @@ def iou_threshold_tensor(iou_thresholds, dtype, device=None):
     return _iou_threshold_tensor(tuple(float(a) for a in iou_thresholds), dtype, torch.device(device or "cpu"))
 
 
-def normal_cdf(z):
-    """Phi(z) through erfc, accurate far into the lower tail, where torch.special.ndtr
-    computes 0.5 * (1 + erf) and flushes to 0 (pytorch/pytorch#192295)."""
-    return 0.5 * torch.special.erfc(-z / math.sqrt(2))
-
-
 @functools.lru_cache(maxsize=64)
 @torch.inference_mode(False)
 def _lower_edges(num_bins, dtype, device):
@@ -65,14 +59,77 @@ def _lower_edges(num_bins, dtype, device):
     return edges
 
 
+@functools.lru_cache(maxsize=8)
+def _tail_cutoff(dtype):
+    """The bound c on |u| beyond which T = erfc(u) / 2 is taken as exactly 0 (u > c) or 1
+    (u < -c) and its derivative, from exp(-u^2), as 0: the largest c (in steps of 1/64) whose
+    erfc(c) / 2, and so exp(-c^2), is still a normal number of `dtype` (9.08 in float32, 26.5
+    in float64). Beyond it they are subnormal, which CPUs compute several times slower (low
+    scores put most of the negatives' table there), and a little further they underflow to 0
+    anyway."""
+    smallest = 4 * torch.finfo(dtype).tiny  # a margin for erfc's rounding in `dtype`
+    c = math.floor(math.sqrt(-math.log(smallest)) * 64) / 64
+    while math.erfc(c) / 2 < smallest:
+        c -= 1 / 64
+    return c
+
+
+def _tail_argument(scores, num_bins, sigma):
+    """u = (x_i - s) / (sigma * sqrt 2) for every score and bin, [..., N], so that
+    T_i(s) = erfc(u) / 2. The difference first: it is exact where x_i and s are close, where
+    erfc is steep. In place after the first pass: the full-size passes are the cost."""
+    return (_lower_edges(num_bins, scores.dtype, scores.device) - scores.unsqueeze(-1)).mul_(1 / (sigma * math.sqrt(2)))
+
+
 def tail_mass(scores, thresholds, sigma):
     """T_i(s) (Eq. 5): probability that a detection is counted at threshold x_i; [..., N].
 
-    x_0 is read as -inf, so T_0 = 1. Evaluated as Phi(-z) rather than 1 - Phi(z) to keep
-    precision far in the tail.
+    x_0 is read as -inf, so T_0 = 1. Evaluated as Phi(-z) = erfc(z / sqrt 2) / 2 rather than
+    1 - Phi(z), or torch.special.ndtr, which computes 0.5 * (1 + erf) and flushes to 0
+    (pytorch/pytorch#192295), to keep precision far in the lower tail, down to the dtype's
+    smallest normal number; below it, T is 0 (see _tail_cutoff).
     """
-    lower = _lower_edges(len(thresholds), thresholds.dtype, thresholds.device)
-    return normal_cdf((scores.unsqueeze(-1) - lower) / sigma)
+    u = _tail_argument(scores, len(thresholds), sigma)
+    c = _tail_cutoff(scores.dtype)
+    return 0.5 * torch.special.erfc(u.clamp(-c, c)).masked_fill(u > c, 0.0)
+
+
+class _WeightedTailSum(torch.autograd.Function):
+    """sum_m w_m T_i(s_m) for every bin i, [N], with its gradient in the scores written out:
+    dT_i(s) / ds = exp(-u^2) / (sigma sqrt(2 pi)) with u the erfc argument (0 for |u| > c, as
+    in tail_mass). The negatives are every query of the batch, so the [M, N] table is the
+    largest tensor of DAP-loss; autograd would keep it until backward, this keeps only the
+    scores and rebuilds the density there, in place."""
+
+    @staticmethod
+    def forward(ctx, scores, weights, num_bins, sigma):
+        ctx.save_for_backward(scores, weights)
+        ctx.num_bins, ctx.sigma = num_bins, sigma
+        u = _tail_argument(scores, num_bins, sigma)
+        c = _tail_cutoff(scores.dtype)
+        beyond = u > c
+        tails = u.clamp_(-c, c).erfc_().masked_fill_(beyond, 0.0)
+        # Unweighted, a plain sum: it sums more accurately than a matrix-vector product.
+        return 0.5 * (tails.sum(0) if weights is None else weights @ tails)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        scores, weights = ctx.saved_tensors
+        c = _tail_cutoff(scores.dtype)
+        squared = _tail_argument(scores, ctx.num_bins, ctx.sigma).square_()
+        outside = squared > c * c
+        density = squared.clamp_(max=c * c).neg_().exp_().masked_fill_(outside, 0.0)
+        scale = 1.0 / (ctx.sigma * math.sqrt(2 * math.pi))
+        grad_scores = (density @ grad) * scale
+        return grad_scores if weights is None else grad_scores * weights, None, None, None
+
+
+def weighted_tail_sum(scores, weights, num_bins, sigma):
+    """sum_m w_m T_i(s_m) over scores [M] with weights [M] (None: all 1), for every bin i; [N].
+    Equal to weights @ tail_mass(scores, ...), without keeping the [M, N] table for backward."""
+    weights = None if weights is None else weights.to(scores.dtype)
+    return _WeightedTailSum.apply(scores, weights, num_bins, float(sigma))
 
 
 def _mass_from_tails(tails):
@@ -88,17 +145,17 @@ def bin_mass(scores, thresholds, sigma):
     return _mass_from_tails(tail_mass(scores, thresholds, sigma))
 
 
-def soft_counts(pos_tails, pos_ious, neg_tails, iou_thresholds, neg_weights=None):
+def soft_counts(pos_tails, pos_ious, neg_tail_sum, iou_thresholds):
     """Soft true / false positive counts tp_k^i, fp_k^i, each [K, N] (Eq. 6, 7).
 
-    Whether a positive reaches alpha_k is a step of its IoU: no gradient flows through it.
-    neg_weights: [M] 1 for the negatives to count, 0 for padding (None: count them all).
+    pos_tails: [P, N] the positives' T_i; neg_tail_sum: [N] the negatives' T_i summed
+    (weighted_tail_sum). Whether a positive reaches alpha_k is a step of its IoU: no gradient
+    flows through it.
     """
     alphas = iou_threshold_tensor(iou_thresholds, pos_ious.dtype, pos_ious.device)
     reached = (pos_ious.detach().unsqueeze(0) >= alphas.unsqueeze(1)).to(pos_tails.dtype)  # [K, P]
     tp = reached @ pos_tails
-    negatives = neg_tails.sum(0) if neg_weights is None else neg_weights.to(neg_tails.dtype) @ neg_tails
-    fp = (1 - reached) @ pos_tails + negatives
+    fp = (1 - reached) @ pos_tails + neg_tail_sum
     return tp, fp
 
 
@@ -174,7 +231,11 @@ def localisation_sum(pos_scores, pos_ious, precision, *, sigma=0.05, iou_thresho
     """The sum of Eq. 10 over positives b and bins i of F_i(s_b) * L̂_i(IoU_b), for a given
     interpolated precision table [K, N]."""
     thresholds = score_thresholds(precision.shape[-1], pos_scores.dtype, pos_scores.device)
-    return (bin_mass(pos_scores, thresholds, sigma) * localisation_function(pos_ious, precision, iou_thresholds)).sum()
+    return _localisation_total(bin_mass(pos_scores, thresholds, sigma), pos_ious, precision, iou_thresholds)
+
+
+def _localisation_total(pos_masses, pos_ious, precision, iou_thresholds):
+    return (pos_masses * localisation_function(pos_ious, precision, iou_thresholds)).sum()
 
 
 def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, neg_weights=None, *, num_bins=32, sigma=0.05,
@@ -195,15 +256,16 @@ def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, neg_weights=None, 
     reduce = reduce_counts if reduce_counts is not None else (lambda counts: counts)
     dtype, device = pos_scores.dtype, pos_scores.device
     thresholds = score_thresholds(num_bins, dtype, device)
-    tp, fp = soft_counts(tail_mass(pos_scores, thresholds, sigma), pos_ious,
-                         tail_mass(neg_scores, thresholds, sigma), iou_thresholds, neg_weights)
+    pos_tails = tail_mass(pos_scores, thresholds, sigma)
+    tp, fp = soft_counts(pos_tails, pos_ious, weighted_tail_sum(neg_scores, neg_weights, num_bins, sigma),
+                         iou_thresholds)
     tp, fp = reduce(torch.stack([tp, fp])).unbind(0)
     precision = interpolated_precision(precision_from_counts(tp, fp))
 
     if num_gt is None:
         num_gt = reduce(torch.tensor(float(pos_scores.numel()), dtype=dtype, device=device))
     # Eq. 10: the sum averaged over the IoU thresholds and divided by G.
-    total = localisation_sum(pos_scores, pos_ious, precision, sigma=sigma, iou_thresholds=iou_thresholds)
+    total = _localisation_total(_mass_from_tails(pos_tails), pos_ious, precision, iou_thresholds)
     return DAPTerms(safe_divide(total, len(iou_thresholds) * num_gt), precision)
 
 
