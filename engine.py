@@ -113,9 +113,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
-def counting_pass(model, criterion, step, step_targets, device, amp):
-    """First pass of an accumulated step with DAP-loss: the micro-batches of `step` (the first
-    len(step) of the step's step_targets) forward without gradients, to give the criterion the
+def counting_pass(model, criterion, step_samples, step_targets, amp):
+    """First pass of an accumulated step with DAP-loss: the micro-batches `step_samples` (on the
+    device; the first len(step_samples) of the step's step_targets) forward without gradients, to give the criterion the
     soft counts of the whole step (DAP's precision is that of the step's batch, as without
     accumulation). Buffers (batch-norm statistics) are restored afterwards. Returns (what
     criterion.count returned for each micro-batch, the RNG state before each micro-batch), so that
@@ -124,10 +124,10 @@ def counting_pass(model, criterion, step, step_targets, device, amp):
     buffers = [(b, b.clone()) for b in model.buffers()]
     rng_states, counted = [], []
     with torch.no_grad():
-        for i, (samples, _) in enumerate(step):
+        for i, samples in enumerate(step_samples):
             rng_states.append(utils.get_rng_state())
             with amp.autocast():
-                outputs = model(samples.to(device), step_targets[i])
+                outputs = model(samples, step_targets[i])
             counted.append(criterion.count(amp.float32(outputs), step_targets[i], StepContext(step_targets, i)))
         for buffer, saved in buffers:
             buffer.copy_(saved)
@@ -143,24 +143,28 @@ def train_step(model, criterion, step, optimizer, device, max_norm, metric_logge
     are counted, and its own counts (criterion.score) serve the others' gradient passes. That
     saves one forward of the step; the random draws are those of the micro-batches in order, and
     batch-norm statistics see the last micro-batch first."""
-    step_targets = [[{k: v.to(device) for k, v in t.items()} for t in targets] for _, targets in step]
+    # Each micro-batch is copied to the device once, for the counting pass and the gradient pass
+    # (asynchronously from the loader's page-locked memory).
+    step_samples = [samples.to(device, non_blocking=True) for samples, _ in step]
+    step_targets = [[{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+                    for _, targets in step]
     optimizer.zero_grad()
     order, counted, rng_states, rng_after_step = range(len(step)), None, None, None
     if len(step) > 1 and criterion.needs_counting_pass:
-        counted, rng_states = counting_pass(model, criterion, step[:-1], step_targets, device, amp)
+        counted, rng_states = counting_pass(model, criterion, step_samples[:-1], step_targets, amp)
         counted.append(None)  # the last micro-batch: counted by its gradient pass
         rng_states.append(utils.get_rng_state())
         order = [len(step) - 1, *range(len(step) - 1)]
     step_values = {}
     for position, i in enumerate(order):
-        samples, targets = step[i][0], step_targets[i]
+        samples, targets = step_samples[i], step_targets[i]
         # Gradients are all-reduced once per step, on its last backward.
         last = position == len(step) - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             if rng_states is not None:
                 utils.set_rng_state(rng_states[i])
             with amp.autocast():
-                outputs = model(samples.to(device), targets)
+                outputs = model(samples, targets)
             outputs = amp.float32(outputs)
             # Non-finite predictions (weights or activations overflowed) would fail in the
             # matcher or the box losses with an unrelated message.

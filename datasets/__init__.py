@@ -1,4 +1,5 @@
 """Dataset entry points used by main.py: the datasets, their category ids and their loaders."""
+import torch
 import torch.utils.data
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
@@ -46,8 +47,10 @@ def build_data_loaders(dataset_train, dataset_val, args):
     if len(batch_sampler_train) == 0:
         raise UserInputError(f"the training set has {len(dataset_train)} images, fewer than one batch of "
                              f"{args.batch_size} per process")
+    # Page-locked batches copy to a GPU asynchronously (the engine copies with non_blocking).
+    pin = torch.device(args.device).type == "cuda"
     data_loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler_train,
-                                   collate_fn=collate_fn, num_workers=args.num_workers)
+                                   collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=pin)
     data_loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
-                                 collate_fn=collate_fn, num_workers=args.num_workers)
+                                 collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=pin)
     return sampler_train, data_loader_train, data_loader_val

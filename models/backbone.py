@@ -39,7 +39,9 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x):
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        # Folded in float32, applied in the input's dtype: under --amp the float32 buffers would
+        # otherwise promote every feature map to float32 between the convolutions.
+        return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
 
 
 class LayerGetter(nn.ModuleDict):

@@ -219,6 +219,9 @@ def add_args(parser):
 
 FAMILY = DetectorFamily(
     name="deformable_detr", build=build, param_groups=param_groups, add_args=add_args, check_args=check_args,
+    # With box refinement every decoder layer has its own heads; without the auxiliary losses
+    # those of the earlier layers get no gradient.
+    find_unused_parameters=lambda args: args.with_box_refine and not args.aux_loss,
     # Upstream's recipe: 50 epochs, lr drop at 40, 300 queries, focal class cost and weight 2.
     defaults=dict(lr=2e-4, lr_backbone=2e-5, lr_backbone_names=["backbone.0"], epochs=50, lr_drop=40,
                   dim_feedforward=1024, num_queries=300, set_cost_class=2, cls_loss_coef=2, checkpoint_period=5))

@@ -263,8 +263,8 @@ FAMILY = DetectorFamily(
     data_pipeline="rtdetr",
     # RT-DETR trains its encoder/decoder batch norms with statistics of the global batch.
     sync_batchnorm=True,
-    # Without auxiliary losses the intermediate score heads get no gradient.
-    find_unused_parameters=lambda args: not args.aux_loss,
+    # No find_unused_parameters: the decoder stacks every layer's scores, so each score head has
+    # a gradient (zero without auxiliary losses) and DDP need not search the graph.
     # RT-DETR R50 (rtdetr_r50vd_6x_coco) where it differs from DETR's defaults: 72 epochs, batch 4
     # per GPU (x4), MultiStepLR at epoch 1000 (never), every epoch's checkpoint kept, EMA; the
     # post-processor keeps 300 pairs, hence 300 DAP negatives per image. Its lr (1e-4, backbone

@@ -196,6 +196,21 @@ def test_frozen_batchnorm_formula():
     assert list(bn.state_dict()) == ["weight", "bias", "running_mean", "running_var"]
 
 
+def test_frozen_batchnorm_keeps_the_autocast_dtype():
+    """Under --amp the backbone runs in half precision between its convolutions: a frozen batch
+    norm (float32 buffers) returned float32 and so did everything after it."""
+    torch.manual_seed(0)
+    frozen = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        reference = frozen(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = frozen.layer1(frozen.maxpool(frozen.relu(frozen.bn1(frozen.conv1(x)))))
+            out = frozen(x)
+    assert features.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("lr_backbone,trainable", [(1e-5, ("layer2", "layer3", "layer4")), (0.0, ())])
 def test_backbone_trains_only_layer2_to_4(lr_backbone, trainable):
     model, _, _ = build_model(tiny_args(lr_backbone=lr_backbone))

@@ -244,3 +244,25 @@ def test_accumulated_dap_step_counts_all_but_the_last_micro_batch_and_keeps_stat
     for name, buffer in last_first.named_buffers():
         assert torch.equal(dict(model.named_buffers())[name], buffer), name
     assert not torch.equal(model.norm.running_mean, in_order.norm.running_mean)  # the order shows
+
+
+def test_each_micro_batch_is_copied_to_the_device_once():
+    """The counting pass and the gradient pass read the same device copy of a micro-batch (a
+    copy from the host per pass doubled the transfers of an accumulated step)."""
+    copies = []
+
+    class HostBatch:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def to(self, device, non_blocking=False):
+            copies.append((id(self), non_blocking))
+            return self.tensor
+
+    step = [(HostBatch(samples), targets) for samples, targets in micro_batches(3)]
+    torch.manual_seed(0)
+    model, criterion = Normalised(), CountingCriterion()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_step(model, criterion, step, optimizer, "cpu", 0, utils.MetricLogger(), MixedPrecision("cpu", False))
+    assert sorted(copies) == sorted((id(batch), True) for batch, _ in step)
+    assert [c[0] for c in criterion.calls] == ["count", "count", "score", "forward", "forward"]

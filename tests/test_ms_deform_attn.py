@@ -112,6 +112,23 @@ def test_entry_point_uses_pytorch_on_cpu_and_logs_once(monkeypatch, capsys):
     assert len(lines) == 1 and "pure-PyTorch" in lines[0] and "cpu" in lines[0]
 
 
+def test_a_build_without_code_for_the_gpu_falls_back_with_one_line(monkeypatch):
+    """An op built for other architectures (e.g. a V100 with the sm_80+ default) is not launched
+    ("no kernel image"): the PyTorch path is used, and the line says why and how to fix it."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(msda_func, "_C", SimpleNamespace(has_kernel=lambda index: index != 1))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla V100")
+    msda_func._op_runs_on.cache_clear()
+    try:
+        on = [SimpleNamespace(is_cuda=True, device=torch.device("cuda", i)) for i in (0, 1)]
+        assert msda_func._path_for(on[0]) == "cuda op"
+        why = msda_func._path_for(on[1])
+        assert "without code for Tesla V100 (sm_70)" in why and "models/ops/make.sh" in why
+    finally:
+        msda_func._op_runs_on.cache_clear()
+
+
 def test_function_without_extension_says_how_to_build(monkeypatch):
     monkeypatch.setattr(msda_func, "_C", None)
     value, shapes, start, loc, attn = random_inputs([(2, 2)])
@@ -380,8 +397,46 @@ def test_cuda_op_batch_chunks():
     value, shapes, start, loc, attn = random_inputs([(4, 3), (2, 2)], N=4, device="cuda")
     torch.testing.assert_close(MSDeformAttnFunction.apply(value, shapes, start, loc, attn, 2),
                                MSDeformAttnFunction.apply(value, shapes, start, loc, attn, 64))
-    with pytest.raises(RuntimeError, match="divisible"):
+    with pytest.raises(ValueError, match="divisible"):  # raised before the op (it crashed the process)
         MSDeformAttnFunction.apply(value[:3], shapes, start, loc[:3], attn[:3], 2)
+    # the module's path picks a chunk that divides the batch
+    torch.testing.assert_close(ms_deform_attn(value[:3], shapes, start, loc[:3], attn[:3], im2col_step=2),
+                               ms_deform_attn_core_pytorch(value[:3], shapes, loc[:3], attn[:3]))
+
+
+def test_op_inputs_are_checked_in_python_before_the_op(monkeypatch):
+    """Every input the kernels would refuse raises a ValueError naming it, before the compiled op
+    is called (a failing check inside it has killed the process)."""
+    class NeverCalled:
+        def __getattr__(self, name):
+            raise AssertionError("the op was called")
+
+    monkeypatch.setattr(msda_func, "_C", NeverCalled())
+    good = random_inputs([(4, 3), (2, 2)], N=4, dtype=torch.float32)
+    value, shapes, start, loc, attn = good
+    cases = {
+        "value must be": (value[0], shapes, start, loc, attn, 64),
+        "sampling_locations must be": (value, shapes, start, loc[..., :1], attn, 64),
+        "does not match value": (value, shapes, start, loc[:2], attn[:2], 64),
+        "attention_weights must be": (value, shapes, start, loc, attn[..., :1], 64),
+        "spatial_shapes must be": (value, shapes[:1], start, loc, attn, 64),
+        "must be int64": (value, shapes.int(), start, loc, attn, 64),
+        "float32 or float64": (value.half(), shapes, start, loc.half(), attn.half(), 64),
+        "must have value's dtype": (value, shapes, start, loc.double(), attn, 64),
+        "divisible by im2col_step": (value[:3], shapes, start, loc[:3], attn[:3], 2),
+        "every input must be on value's CUDA device": good + [64],
+    }
+    for message, inputs in cases.items():
+        with pytest.raises(ValueError, match=message):
+            MSDeformAttnFunction.apply(*inputs)
+        with pytest.raises(ValueError, match=message):
+            msda_func.check_op_inputs(*inputs)
+
+
+@pytest.mark.parametrize("batch, step, chunk", [(4, 64, 4), (65, 64, 13), (64, 64, 64), (3, 2, 1), (6, 4, 3),
+                                                (7, 1, 1), (0, 64, 1)])
+def test_batch_chunk_divides_the_batch(batch, step, chunk):
+    assert msda_func.batch_chunk(batch, step) == chunk
 
 
 @requires_cuda_op
@@ -433,6 +488,7 @@ def test_extension_compiles_and_imports(tmp_path):
             assert 'only has CUDA kernels' in str(e), e
         else:
             raise AssertionError('CPU tensors were accepted')
+        assert callable(ext.has_kernel)  # asked before the first launch on a GPU
         print('ok', ext.__file__)
     """)
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)

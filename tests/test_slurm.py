@@ -185,3 +185,18 @@ def test_slurm_job_survives_time_limit_signal_and_preemption(slurm_cluster, requ
     assert len(resumed) == 2 and 1 <= resumed[0] < resumed[1] <= epochs
     assert "Calling checkpoint method" in text and "Requeued job" in text
     check_finished(out, epochs)
+
+
+def test_srun_without_torchrun_trains_two_tasks(slurm_cluster, requeue_coco, tmp_path):
+    """`srun --ntasks 2 python main.py --world_size 2`: each task takes its rank from SLURM and
+    meets the other at the job's first node, on a port derived from the job id (torchrun, which
+    would set MASTER_ADDR and MASTER_PORT, is not involved)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(slurm_cluster, OMP_NUM_THREADS="1")
+    out = tmp_path / "out"
+    argv = launcher_argv(requeue_coco, out, 1)[:-2]  # without the launcher's --nodes
+    proc = subprocess.run(["srun", "--ntasks", "2", "--cpus-per-task", "1", sys.executable, "main.py", *argv,
+                           "--world_size", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 images per process x 2 processes" in proc.stdout
+    check_finished(out, 1)

@@ -8,7 +8,16 @@ from torch import nn
 from util import box_ops
 from util.checkpoint import fit_state_dict, load_checkpoint, model_state_from_checkpoint
 from util.errors import UserInputError
-from util.misc import SmoothedValue, accuracy, inverse_sigmoid, least_advanced, nested_tensor_from_tensor_list
+from util.misc import (
+    SmoothedValue,
+    accuracy,
+    cuda_device_index,
+    first_host,
+    inverse_sigmoid,
+    least_advanced,
+    nested_tensor_from_tensor_list,
+    process_placement,
+)
 
 # ----------------------------------------------------------------------------- misc
 
@@ -53,6 +62,40 @@ def test_least_advanced_names_another_process_never_the_caller():
     assert least_advanced(seen, me=3, now=70.0) == "rank 2 last answered 10 s ago, at c"
     assert least_advanced(seen, me=1, now=70.0) == "rank 3 last answered 15 s ago, at d"
     assert least_advanced({0: (1, 1.0, "x")}, me=0, now=2.0) is None
+
+
+@pytest.mark.parametrize("nodelist, host", [
+    ("node7", "node7"), ("node1,node2", "node1"), ("gpu[003-004,010],cpu1", "gpu003"), ("gpu[12,3]", "gpu12"),
+    ("rack[2-4]-ib", "rack2-ib"), ("a-b-[09-12]", "a-b-09")])
+def test_first_host_of_a_slurm_node_list(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_process_placement_torchrun_slurm_or_none():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "SLURM_PROCID": "0"}
+    assert process_placement(1, dict(torchrun)) == (3, 8, 1)  # torchrun (or submitit) wins
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",
+            "SLURM_JOB_ID": "123456"}
+    environ = dict(srun)
+    assert process_placement(8, environ) == (5, 8, 1)
+    # srun without torchrun: the rendezvous is the job's first node, on a port of the job id
+    assert environ["MASTER_ADDR"] == "gpu07" and environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    environ = {**srun, "MASTER_ADDR": "head", "MASTER_PORT": "29500"}
+    process_placement(8, environ)
+    assert (environ["MASTER_ADDR"], environ["MASTER_PORT"]) == ("head", "29500")  # kept when given
+    with pytest.raises(UserInputError, match="--world_size 4, but SLURM started 8 tasks"):
+        process_placement(4, dict(srun))
+    assert process_placement(1, dict(srun)) is None  # one process inside an allocation
+    assert process_placement(8, {}) is None
+
+
+def test_cuda_device_index_is_the_local_rank_among_the_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [cuda_device_index(r) for r in range(6)] == [0, 1, 2, 3, 0, 1]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a task bound to its own GPU
+    assert cuda_device_index(3) == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # CPU
+    assert cuda_device_index(3) == 0
 
 
 # ----------------------------------------------------------------------------- box_ops

@@ -4,6 +4,7 @@ import builtins
 import datetime
 import os
 import random
+import re
 import subprocess
 import time
 from collections import defaultdict, deque
@@ -11,6 +12,8 @@ from collections import defaultdict, deque
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from util.errors import UserInputError
 
 # ----------------------------------------------------------------------------- batching
 
@@ -24,6 +27,10 @@ class NestedTensor:
     def to(self, device, non_blocking=False):
         mask = None if self.mask is None else self.mask.to(device, non_blocking=non_blocking)
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
+
+    def pin_memory(self):
+        """Page-locked copies, so that DataLoader(pin_memory=True) can pin batches of images."""
+        return NestedTensor(self.tensors.pin_memory(), None if self.mask is None else self.mask.pin_memory())
 
     def decompose(self):
         return self.tensors, self.mask
@@ -106,21 +113,53 @@ def setup_for_distributed(is_master):
     builtins.print = print_on_master
 
 
+def first_host(nodelist):
+    """The first host of a SLURM node list: 'gpu[003-004,010],cpu1' -> 'gpu003'."""
+    prefix, ranges, suffix = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,\[]*)", nodelist).groups()
+    return prefix + (re.split(r"[-,]", ranges)[0] if ranges else "") + suffix
+
+
+def slurm_rendezvous(environ):
+    """(rank, world size, local rank) of a task started by `srun python main.py` without
+    torchrun, and MASTER_ADDR / MASTER_PORT set in `environ` where missing: the first node of
+    the job and a port derived from the job id (a requeued job keeps its id, so its port)."""
+    environ.setdefault("MASTER_ADDR", first_host(environ["SLURM_JOB_NODELIST"]))
+    environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+    return int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]), int(environ.get("SLURM_LOCALID", 0))
+
+
+def process_placement(world_size_flag, environ):
+    """(rank, world size, local rank) of this process, from torchrun's (or submitit's)
+    environment, else from SLURM's when --world_size asks for several processes (srun without
+    torchrun); None when training is not distributed."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in environ and world_size_flag > 1:
+        placement = slurm_rendezvous(environ)
+        if placement[1] != world_size_flag:
+            raise UserInputError(f"--world_size {world_size_flag}, but SLURM started {placement[1]} tasks "
+                                 f"(SLURM_NTASKS); pass --world_size {placement[1]} or srun --ntasks {world_size_flag}")
+        return placement
+    return None
+
+
+def cuda_device_index(local_rank):
+    """The CUDA device of a process: its local rank among the GPUs it sees. A task bound to its
+    own GPU (srun --gpus-per-task, GPU binding) sees that one only, as device 0."""
+    return local_rank % max(torch.cuda.device_count(), 1)
+
+
 def init_distributed_mode(args):
-    """Set args.distributed/rank/world_size/gpu from torchrun's or SLURM's environment and
-    initialise the process group: NCCL on GPUs, gloo on CPU."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        args.rank = int(os.environ["RANK"])
-        args.world_size = int(os.environ["WORLD_SIZE"])
-        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in os.environ and args.world_size > 1:
-        args.rank = int(os.environ["SLURM_PROCID"])
-        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
-    else:
+    """Set args.distributed/rank/world_size/gpu (see process_placement) and initialise the
+    process group: NCCL on GPUs, gloo on CPU."""
+    placement = process_placement(args.world_size, os.environ)
+    if placement is None:
         print("Not using distributed mode")
         args.distributed = False
         args.rank, args.world_size, args.gpu = 0, 1, 0
         return
+    args.rank, args.world_size, local_rank = placement
+    args.gpu = cuda_device_index(local_rank)
 
     args.distributed = True
     use_cuda = str(args.device).startswith("cuda")
@@ -323,7 +362,6 @@ def on_main_process(fn, *args):
     """fn(*args) on the main process only (None elsewhere). Under DDP every process learns whether
     it raised a UserInputError there, and raises too, instead of waiting for it at the next
     collective operation."""
-    from util.errors import UserInputError
 
     error, result = None, None
     if is_main_process():

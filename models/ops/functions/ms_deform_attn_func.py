@@ -10,6 +10,7 @@ P points per level):
     attention_weights   [N, Lq, M, L, P]
     output              [N, Lq, M*D]
 """
+import functools
 import importlib
 
 import torch
@@ -70,14 +71,62 @@ def _require_extension():
     return _C
 
 
+def check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step):
+    """Raise ValueError, naming the problem, for inputs the compiled kernels would refuse. Checked
+    here, in Python, before the op is called: a check failing inside the extension has killed
+    the process (a segmentation fault) instead of raising."""
+    if value.dim() != 4:
+        raise ValueError(f"value must be [N, S, M, D], got {list(value.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[5] != 2:
+        raise ValueError(f"sampling_locations must be [N, Lq, M, L, P, 2], got {list(sampling_locations.shape)}")
+    batch, _, heads, _ = value.shape
+    levels = sampling_locations.shape[3]
+    if sampling_locations.shape[0] != batch or sampling_locations.shape[2] != heads:
+        raise ValueError(f"sampling_locations {list(sampling_locations.shape)} does not match value "
+                         f"{list(value.shape)} (N and M)")
+    if attention_weights.shape != sampling_locations.shape[:5]:
+        raise ValueError(f"attention_weights must be [N, Lq, M, L, P] = {list(sampling_locations.shape[:5])}, "
+                         f"got {list(attention_weights.shape)}")
+    if spatial_shapes.shape != (levels, 2) or level_start_index.shape != (levels,):
+        raise ValueError(f"spatial_shapes must be [L, 2] and level_start_index [L] with L = {levels}, got "
+                         f"{list(spatial_shapes.shape)} and {list(level_start_index.shape)}")
+    if spatial_shapes.dtype != torch.int64 or level_start_index.dtype != torch.int64:
+        raise ValueError("spatial_shapes and level_start_index must be int64")
+    if value.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the op computes in float32 or float64, got value in {value.dtype}")
+    if sampling_locations.dtype != value.dtype or attention_weights.dtype != value.dtype:
+        raise ValueError(f"sampling_locations ({sampling_locations.dtype}) and attention_weights "
+                         f"({attention_weights.dtype}) must have value's dtype ({value.dtype})")
+    if im2col_step <= 0 or batch % min(batch, im2col_step):
+        raise ValueError(f"the batch size ({batch}) must be divisible by im2col_step ({im2col_step}), "
+                         f"or im2col_step at least the batch size")
+    tensors = dict(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+                   sampling_locations=sampling_locations, attention_weights=attention_weights)
+    for name, t in tensors.items():
+        if not t.is_cuda or t.device != value.device:
+            raise ValueError(f"{name} is on {t.device}: every input must be on value's CUDA device ({value.device})")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
+
+def batch_chunk(batch, im2col_step):
+    """The op's batch elements per launch: the largest divisor of the batch size not above
+    im2col_step (the kernels need the chunk to divide the batch)."""
+    return max(d for d in range(1, min(batch, im2col_step) + 1) if batch % d == 0) if batch else 1
+
+
 class MSDeformAttnFunction(Function):
-    """Autograd wrapper of the compiled kernels (CUDA tensors, float32 or float64)."""
+    """Autograd wrapper of the compiled kernels (CUDA tensors, float32 or float64; see
+    check_op_inputs)."""
 
     @staticmethod
     def forward(ctx, value, value_spatial_shapes, value_level_start_index, sampling_locations,
                 attention_weights, im2col_step):
+        extension = _require_extension()
+        check_op_inputs(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
+                        im2col_step)
         ctx.im2col_step = im2col_step
-        output = _require_extension().ms_deform_attn_forward(
+        output = extension.ms_deform_attn_forward(
             value, value_spatial_shapes, value_level_start_index, sampling_locations,
             attention_weights, im2col_step)
         ctx.save_for_backward(value, value_spatial_shapes, value_level_start_index,
@@ -94,27 +143,46 @@ class MSDeformAttnFunction(Function):
         return grad_value, None, None, grad_sampling_loc, grad_attn_weight, None
 
 
-def _log_path_once(use_cuda_op, device):
+@functools.cache
+def _op_runs_on(device_index):
+    """Whether the built op holds code for this GPU. A build for other architectures (e.g. the
+    default list on an older card) would fail at the first launch with "no kernel image"."""
+    has_kernel = getattr(_C, "has_kernel", None)
+    return True if has_kernel is None else bool(has_kernel(device_index))
+
+
+def _path_for(value):
+    """'cuda op' or why the pure-PyTorch path is used, for these inputs."""
+    if _C is None:
+        return f"the CUDA op {_why_unavailable()}, see models/ops/README.md"
+    if not value.is_cuda:
+        return f"tensors on {value.device.type}"
+    index = value.device.index if value.device.index is not None else torch.cuda.current_device()
+    if not _op_runs_on(index):
+        major, minor = torch.cuda.get_device_capability(index)
+        return (f"the CUDA op was built without code for {torch.cuda.get_device_name(index)} "
+                f"(sm_{major}{minor}); rebuild it on this machine with bash models/ops/make.sh")
+    return "cuda op"
+
+
+def _log_path_once(path):
     """One line per process (per path) so that a slow run is never silently on the fallback."""
-    if use_cuda_op in _logged_paths:
+    if path in _logged_paths:
         return
-    _logged_paths.add(use_cuda_op)
-    if use_cuda_op:
+    _logged_paths.add(path)
+    if path == "cuda op":
         print("MSDeformAttn: using the compiled CUDA op (MultiScaleDeformableAttention)")
-    elif _C is None:
-        print(f"MSDeformAttn: using the pure-PyTorch path (the CUDA op {_why_unavailable()}, "
-              "see models/ops/README.md)")
     else:
-        print(f"MSDeformAttn: using the pure-PyTorch path (tensors on {device})")
+        print(f"MSDeformAttn: using the pure-PyTorch path ({path})")
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                    im2col_step=64):
     """Multi-scale deformable attention; the CUDA op for CUDA tensors when it is built, the
     PyTorch implementation otherwise (same result up to float rounding)."""
-    use_cuda_op = _C is not None and value.is_cuda
-    _log_path_once(use_cuda_op, value.device.type)
-    if not use_cuda_op:
+    path = _path_for(value)
+    _log_path_once(path)
+    if path != "cuda op":
         return ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
     # The kernels exist for float32 and float64 only: half/bfloat16 inputs (autocast) run in
     # float32 and the result goes back to the dtype of value.
@@ -122,5 +190,5 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     output = MSDeformAttnFunction.apply(
         value.to(dtype).contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
         sampling_locations.to(dtype).contiguous(), attention_weights.to(dtype).contiguous(),
-        im2col_step)
+        batch_chunk(value.shape[0], im2col_step))
     return output.to(value.dtype)

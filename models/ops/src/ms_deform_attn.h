@@ -29,3 +29,7 @@ inline std::vector<at::Tensor> ms_deform_attn_backward(
   return ms_deform_attn_cuda_backward(value, spatial_shapes, level_start_index, sampling_loc,
                                       attn_weight, grad_output, im2col_step);
 }
+
+inline bool ms_deform_attn_has_kernel(int64_t device_index) {
+  return ms_deform_attn_cuda_has_kernel(device_index);
+}

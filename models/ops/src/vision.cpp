@@ -11,4 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"),
         py::arg("sampling_loc"), py::arg("attn_weight"), py::arg("grad_output"),
         py::arg("im2col_step"));
+  m.def("has_kernel", &ms_deform_attn_has_kernel,
+        "whether the build holds code that CUDA device `device_index` can run",
+        py::arg("device_index"));
 }

@@ -151,3 +151,12 @@ std::vector<at::Tensor> ms_deform_attn_cuda_backward(
   });
   return {grad_value, grad_sampling_loc, grad_attn_weight};
 }
+
+bool ms_deform_attn_cuda_has_kernel(int64_t device_index) {
+  const c10::cuda::CUDAGuard device_guard(static_cast<c10::DeviceIndex>(device_index));
+  cudaFuncAttributes attributes;
+  const cudaError_t status =
+      cudaFuncGetAttributes(&attributes, msda::ms_deform_attn_forward_kernel<float>);
+  (void)cudaGetLastError();  // a question, not a failure: leave no error behind
+  return status == cudaSuccess;
+}
