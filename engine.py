@@ -26,6 +26,20 @@ def loss_log_values(loss_dict, weight_dict):
     return sum(scaled.values()), {**scaled, **unscaled, **unweighted}
 
 
+def read_step_values(logged, grad_norm):
+    """The step's logged values as numbers, and its gradient norm, in one device-to-host read:
+    each read of a GPU value waits for the GPU, so the step reads once, after its backward
+    passes. logged: per micro-batch, (loss, {name: value}) of 0-dim tensors or numbers."""
+    rows = [{"loss": loss, **values} for loss, values in logged]
+    flat = [torch.as_tensor(v, dtype=torch.float64, device=grad_norm.device) for row in rows for v in row.values()]
+    numbers = torch.stack([*flat, grad_norm.detach().double()]).tolist()
+    step_values, start = [], 0
+    for row in rows:
+        step_values.append(dict(zip(row, numbers[start:start + len(row)])))
+        start += len(row)
+    return step_values, numbers[-1]
+
+
 class MixedPrecision:
     """--amp: the model's forward under torch.autocast (float16 on CUDA; bfloat16 on the CPU,
     which has no fast float16), the criterion on float32 copies of the outputs (matching costs and
@@ -155,7 +169,7 @@ def train_step(model, criterion, step, optimizer, device, max_norm, metric_logge
         counted.append(None)  # the last micro-batch: counted by its gradient pass
         rng_states.append(utils.get_rng_state())
         order = [len(step) - 1, *range(len(step) - 1)]
-    step_values = {}
+    logged = {}
     for position, i in enumerate(order):
         samples, targets = step_samples[i], step_targets[i]
         # Gradients are all-reduced once per step, on its last backward.
@@ -166,37 +180,40 @@ def train_step(model, criterion, step, optimizer, device, max_norm, metric_logge
             with amp.autocast():
                 outputs = model(samples, targets)
             outputs = amp.float32(outputs)
-            # Non-finite predictions (weights or activations overflowed) would fail in the
-            # matcher or the box losses with an unrelated message.
-            if not utils.all_finite(outputs):
-                raise TrainingDiverged(f"the model's predictions are not finite (micro-batch {i})")
             context = StepContext(step_targets, i, counted, final_call=last)
-            if counted is not None and counted[i] is None:
-                loss_dict, counted[i] = criterion.score(outputs, targets, context)
-            else:
-                loss_dict = criterion(outputs, targets, context)
+            try:
+                if counted is not None and counted[i] is None:
+                    loss_dict, counted[i] = criterion.score(outputs, targets, context)
+                else:
+                    loss_dict = criterion(outputs, targets, context)
+            except ValueError:
+                # Non-finite predictions (weights or activations overflowed) stop the matcher
+                # with an unrelated message ("invalid numeric entries"). Checked only then: the
+                # check reads the device.
+                if not utils.all_finite(outputs):
+                    raise TrainingDiverged(f"the model's predictions are not finite (micro-batch {i})") from None
+                raise
             losses = weighted_loss(loss_dict, criterion.weight_dict)
             amp.scaler.scale(losses / len(step)).backward()
             if position == 0 and rng_states is not None:
                 rng_after_step = utils.get_rng_state()  # where drawing in order would have ended
-
-        loss_value, log_values = loss_log_values(loss_dict, criterion.weight_dict)
-        loss_value = float(loss_value)
-        if not math.isfinite(loss_value):
-            terms = ", ".join(f"{k} {float(v):.4g}" for k, v in log_values.items() if not k.endswith("_unscaled"))
-            raise TrainingDiverged(f"the loss is {loss_value} (micro-batch {i}); terms: {terms}")
-        metric_logger.update(loss=loss_value, **log_values)
-        step_values[i] = {"loss": loss_value, **{k: float(v) for k, v in log_values.items()}}
+        logged[i] = loss_log_values(loss_dict, criterion.weight_dict)
     if rng_after_step is not None:
         utils.set_rng_state(rng_after_step)
-    step_values = [step_values[i] for i in range(len(step))]
 
     amp.scaler.unscale_(optimizer)  # clip and check the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    step_values, grad_norm = read_step_values([logged[i] for i in range(len(step))], grad_norm)
+    for i, values in enumerate(step_values):
+        if not math.isfinite(values["loss"]):
+            terms = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "loss" and not k.endswith("_unscaled"))
+            raise TrainingDiverged(f"the loss is {values['loss']} (micro-batch {i}); terms: {terms}")
     # With a GradScaler (float16) an overflow is expected now and then: the scaler skips the step
     # and lowers the scale. Anywhere else a non-finite gradient means training diverged.
-    if not amp.scaler.is_enabled() and not torch.isfinite(grad_norm):
-        raise TrainingDiverged(f"the gradient norm is {float(grad_norm)}; loss {step_values[-1]['loss']:.4g}")
+    if not amp.scaler.is_enabled() and not math.isfinite(grad_norm):
+        raise TrainingDiverged(f"the gradient norm is {grad_norm}; loss {step_values[-1]['loss']:.4g}")
+    for values in step_values:
+        metric_logger.update(**values)
     amp.scaler.step(optimizer)  # skipped (and the scale lowered) if a gradient overflowed
     amp.scaler.update()
     metric_logger.update(lr=optimizer.param_groups[0]["lr"])

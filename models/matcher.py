@@ -10,12 +10,13 @@ from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 
 def assign_each(costs):
-    """Solve one linear assignment per image; costs: list of [Q, T_i] cost matrices.
+    """Solve one linear assignment per image; costs: list of [Q, T_i] cost matrices on the host
+    (the caller copies the batch's costs there at once).
 
     Returns a list (one per image) of (query indices, target indices), int64 tensors of
     length min(Q, T_i).
     """
-    indices = [linear_sum_assignment(c.detach().cpu()) for c in costs]
+    indices = [linear_sum_assignment(c) for c in costs]
     return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
 
 

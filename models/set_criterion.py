@@ -182,20 +182,24 @@ class BaseSetCriterion(nn.Module):
 
     def step_totals(self, step, num_queries, device):
         """local_totals of the whole step, summed over processes (one all-reduce) and divided by
-        the number of (process, micro-batch) pairs, `shares`; num_boxes at least 1 (a float, as
-        upstream), the others float32 tensors.
+        the number of (process, micro-batch) pairs, `shares`; num_boxes at least 1. Numbers on
+        one process; under DDP float32 tensors on `device`, never read back to the host (a read
+        waits for the GPU).
 
         A micro-batch's loss normalised by them, divided by the number of micro-batches (engine)
         and averaged over processes (DDP), is normalised by the total of the whole step: the
         gradients are those of one process holding the global batch.
         """
         local = self.local_totals([t for batch in step.targets for t in batch], num_queries)
-        summed = torch.tensor([float(v) for v in local.values()], dtype=torch.float64, device=device)
-        if is_dist_avail_and_initialized():
-            torch.distributed.all_reduce(summed)
         shares = get_world_size() * step.micro_batches
-        totals = dict(zip(local, (summed / shares).float()))
-        totals["num_boxes"] = torch.clamp(totals["num_boxes"], min=1).item()
+        if is_dist_avail_and_initialized():
+            summed = torch.tensor([float(v) for v in local.values()], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(summed)
+            totals = dict(zip(local, (summed / shares).float()))
+            totals["num_boxes"] = totals["num_boxes"].clamp(min=1)
+        else:
+            totals = {k: float(v) / shares for k, v in local.items()}
+            totals["num_boxes"] = max(totals["num_boxes"], 1.0)
         totals["shares"] = shares
         return totals
 

@@ -2,18 +2,35 @@
 step against a plain step, overflow handling, --amp end to end on the CPU (bfloat16) — and the
 counting pass of accumulated DAP steps (same random draws as the gradient pass, buffers kept).
 That accumulation gives the gradients of one batch is tested in test_dap_distributed.py (the
-criterion) and test_main.py (end to end)."""
+criterion) and test_main.py (end to end). Also: what a training step reads back to the host."""
+import collections
 import copy
+import os
+import traceback
+import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import util.misc as utils
 from engine import MixedPrecision, train_step
+from models import build_model
 from models.set_criterion import BaseSetCriterion
 
-from conftest import DEFORMABLE_VARIANTS, TINY_DEFORMABLE_FLAGS, TINY_RTDETR_FLAGS, data_flags, run
+from conftest import (
+    DEFORMABLE_VARIANTS,
+    REPO,
+    TINY_DEFORMABLE_FLAGS,
+    TINY_DETR_FLAGS,
+    TINY_RTDETR_FLAGS,
+    data_flags,
+    parse,
+    rtdetr_targets,
+    run,
+)
 
 
 def test_disabled_mixed_precision_changes_nothing():
@@ -266,3 +283,134 @@ def test_each_micro_batch_is_copied_to_the_device_once():
     train_step(model, criterion, step, optimizer, "cpu", 0, utils.MetricLogger(), MixedPrecision("cpu", False))
     assert sorted(copies) == sorted((id(batch), True) for batch, _ in step)
     assert [c[0] for c in criterion.calls] == ["count", "count", "score", "forward", "forward"]
+
+
+# ----------------------------------------------------------------------------- host reads
+
+class HostReads:
+    """Counts what would make the host wait for a GPU in a training step, run on the CPU: every
+    read of a tensor's values on the host (item, tolist, numpy, cpu, bool/float/int of a tensor)
+    and every operator whose output size depends on the values (nonzero, boolean-mask indexing,
+    unique, masked_select). Each is keyed by the function of the repository that made it.
+    Reads inside torch.optim are left out: the optimizers keep their step counters on the host."""
+
+    READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"}
+    SIZE_FROM_VALUES = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
+                        "unique_consecutive"}
+
+    def __init__(self):
+        self.events = collections.Counter()
+        self.reading = 0
+        counter = self
+
+        class Functions(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                read = getattr(func, "__name__", "") in HostReads.READS
+                if read:
+                    counter.record(func.__name__)
+                counter.reading += read
+                try:
+                    return func(*args, **(kwargs or {}))
+                finally:
+                    counter.reading -= read
+
+        class Operators(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                mask_index = name.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple)) and any(
+                    isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1])
+                if not counter.reading and (name in HostReads.SIZE_FROM_VALUES or mask_index):
+                    counter.record(name)
+                return func(*args, **(kwargs or {}))
+
+        self.modes = [Functions(), Operators()]
+
+    def record(self, what):
+        frames = traceback.extract_stack()[:-2]
+        if any(f"torch{os.sep}optim" in f.filename for f in frames):
+            return
+        own = [f for f in frames if f.filename.startswith(REPO) and f"{os.sep}tests{os.sep}" not in f.filename]
+        where = f"{os.path.relpath(own[-1].filename, REPO)}:{own[-1].name}" if own else "?"
+        self.events[(what, where)] += 1
+
+    def __enter__(self):
+        for mode in self.modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for mode in reversed(self.modes):
+            mode.__exit__(*exc)
+
+
+def sync_counting_step(flags, micro_batches, counter=HostReads, device="cpu"):
+    """The tiny model of `flags`, one warm-up step and one training step of `micro_batches`
+    micro-batches of 2 images, counted by `counter` (a context manager). Returns (the counter,
+    layers matched in the counted step)."""
+    torch.manual_seed(0)
+    args = parse(flags + ["--device", device])
+    model, criterion, _ = build_model(args)
+    model.to(device)
+    model.train()
+    criterion.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = [(utils.nested_tensor_from_tensor_list([torch.rand(3, 64, 64), torch.rand(3, 64, 80)]), rtdetr_targets())
+            for _ in range(micro_batches)]
+    amp = MixedPrecision(device, False)
+    train_step(model, criterion, step, optimizer, device, 0.1, utils.MetricLogger(), amp)
+    matched = collections.Counter()
+    original = criterion.matcher.forward
+
+    def counting_matcher(*a, **k):
+        matched["layers"] += 1
+        return original(*a, **k)
+
+    criterion.matcher.forward = counting_matcher
+    with counter() as counted:
+        train_step(model, criterion, step, optimizer, device, 0.1, utils.MetricLogger(), amp)
+    return counted, matched["layers"]
+
+
+SYNC_CASES = {
+    "detr": TINY_DETR_FLAGS + ["--num_classes", "5"],
+}
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize("loss", ["raw", "dap", "raw+dap"])
+@pytest.mark.parametrize("model", sorted(SYNC_CASES))
+def test_a_training_step_reads_the_device_once_per_matched_layer_and_once_to_log(model, loss, micro_batches):
+    """The host waits for the GPU at each read: a step reads the matching cost of each matched
+    layer (the assignment runs on the host), and once the step's logged values and gradient
+    norm. Nothing else: no per-value logging reads, no shape or count read back, no boolean
+    masks. (On a GPU, torch.cuda.set_sync_debug_mode checks the same: see test_..._on_a_gpu.)"""
+    matcher = ["--matcher", "dap"] if loss == "dap" else []
+    reads, matched_layers = sync_counting_step(SYNC_CASES[model] + ["--loss", loss, *matcher], micro_batches)
+    assignment = "models/dap_matcher.py:forward" if matcher else "models/matcher.py:assign_per_image"
+    assert matched_layers > 0
+    assert dict(reads.events) == {("cpu", assignment): matched_layers, ("tolist", "engine.py:read_step_values"): 1}
+
+
+class CudaSyncs:
+    """Counts the synchronising CUDA calls torch reports (set_sync_debug_mode 'warn')."""
+
+    def __enter__(self):
+        self.caught = warnings.catch_warnings(record=True)
+        self.warnings = self.caught.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+        self.caught.__exit__(*exc)
+        self.count = sum("synchronizing" in str(w.message) for w in self.warnings)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("loss", ["raw", "dap", "raw+dap"])
+@pytest.mark.parametrize("model", sorted(SYNC_CASES))
+def test_a_training_step_synchronises_once_per_matched_layer_and_once_to_log_on_a_gpu(model, loss):
+    matcher = ["--matcher", "dap"] if loss == "dap" else []
+    syncs, matched_layers = sync_counting_step(SYNC_CASES[model] + ["--loss", loss, *matcher], 2, CudaSyncs, "cuda")
+    assert 0 < syncs.count <= matched_layers + 1

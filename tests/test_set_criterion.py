@@ -207,7 +207,7 @@ def _distributed_num_boxes(rank, world_size, tmp_dir):
         n = 1 if rank == 0 else 4
         targets = [{"labels": torch.zeros(n, dtype=torch.int64), "boxes": torch.zeros(n, 4)}]
         with open(f"{tmp_dir}/rank{rank}.txt", "w") as f:
-            f.write(repr(num_boxes(targets)))
+            f.write(repr(float(num_boxes(targets))))  # a tensor under DDP (never read back in training)
     finally:
         dist.destroy_process_group()
 

@@ -28,12 +28,11 @@ def box_iou(boxes1, boxes2):
 
 
 def generalized_box_iou(boxes1, boxes2):
-    """Pairwise generalized IoU (Rezatofighi et al. 2019) of [N,4] and [M,4] xyxy boxes."""
-    # Degenerate boxes give inf/nan below; catching them here names the real problem.
-    if not (boxes1[:, 2:] >= boxes1[:, :2]).all():
-        raise ValueError("generalized_box_iou: boxes1 has x1 < x0 or y1 < y0")
-    if not (boxes2[:, 2:] >= boxes2[:, :2]).all():
-        raise ValueError("generalized_box_iou: boxes2 has x1 < x0 or y1 < y0")
+    """Pairwise generalized IoU (Rezatofighi et al. 2019) of [N,4] and [M,4] xyxy boxes.
+
+    The boxes must have x1 >= x0 and y1 >= y0: predictions do by construction (a width is a
+    sigmoid), and the datasets drop target boxes without width or height when they load. Not
+    checked here: a check reads the GPU, and this runs in every matcher and loss call."""
     iou, union = box_iou(boxes1, boxes2)
     top_left = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
     bottom_right = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
