@@ -63,15 +63,15 @@ class DeformableTransformer(nn.Module):
         pos = proposals.sigmoid()[:, :, :, None] * (2 * math.pi) / dim_t
         return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
 
-    def gen_encoder_output_proposals(self, memory, memory_padding_mask, spatial_shapes):
+    def gen_encoder_output_proposals(self, memory, memory_padding_mask, spatial_sizes):
         """One proposal per encoder token: a box centred on it, 0.05 * 2^level wide and high
         (relative to the valid image). Returns (output_memory [B,S,C], proposals [B,S,4]
         unsigmoided); tokens on padding or with a proposal touching the border get memory 0
-        and proposal +inf."""
+        and proposal +inf. spatial_sizes: (H, W) of each level, numbers."""
         batch = memory.shape[0]
         proposals = []
         start = 0
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(spatial_sizes):
             mask = memory_padding_mask[:, start:start + h * w].view(batch, h, w)
             valid_h = (~mask[:, :, 0]).sum(1)
             valid_w = (~mask[:, 0, :]).sum(1)
@@ -110,26 +110,27 @@ class DeformableTransformer(nn.Module):
         """
         if not self.two_stage and query_embed is None:
             raise ValueError("DeformableTransformer: query_embed is required without two_stage")
-        src_flatten, mask_flatten, lvl_pos_embed_flatten, spatial_shapes = [], [], [], []
+        src_flatten, mask_flatten, lvl_pos_embed_flatten, spatial_sizes = [], [], [], []
         for lvl, (src, mask, pos_embed) in enumerate(zip(srcs, masks, pos_embeds)):
-            spatial_shapes.append(src.shape[-2:])
+            spatial_sizes.append(tuple(src.shape[-2:]))
             src_flatten.append(src.flatten(2).transpose(1, 2))
             mask_flatten.append(mask.flatten(1))
             lvl_pos_embed_flatten.append(pos_embed.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
         src_flatten = torch.cat(src_flatten, 1)
         mask_flatten = torch.cat(mask_flatten, 1)
         lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
-        spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=src_flatten.device)
+        # The sizes stay on the host as numbers too: reading them back would make it wait for the GPU.
+        spatial_shapes = torch.as_tensor(spatial_sizes, dtype=torch.long).to(src_flatten.device, non_blocking=True)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
 
         memory = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios,
-                              lvl_pos_embed_flatten, mask_flatten)
+                              lvl_pos_embed_flatten, mask_flatten, spatial_sizes=spatial_sizes)
 
         batch, _, c = memory.shape
         enc_outputs_class = enc_outputs_coord_unact = None
         if self.two_stage:
-            output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten, spatial_shapes)
+            output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten, spatial_sizes)
             # The heads after the last decoder layer's score the encoder tokens (the model registers them).
             enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)
             enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
@@ -147,7 +148,7 @@ class DeformableTransformer(nn.Module):
         init_reference = reference_points
 
         hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index,
-                                            valid_ratios, query_pos, mask_flatten)
+                                            valid_ratios, query_pos, mask_flatten, spatial_sizes=spatial_sizes)
         return hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact
 
 
@@ -166,9 +167,10 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None,
+                spatial_sizes=None):
         src2 = self.self_attn(with_pos_embed(src, pos), reference_points, src, spatial_shapes, level_start_index,
-                              padding_mask)
+                              padding_mask, spatial_sizes=spatial_sizes)
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout2(self.activation(self.linear1(src))))
         return self.norm2(src + self.dropout3(src2))
@@ -182,11 +184,11 @@ class DeformableTransformerEncoder(nn.Module):
         self.num_layers = num_layers
 
     @staticmethod
-    def get_reference_points(spatial_shapes, valid_ratios, device):
+    def get_reference_points(spatial_sizes, valid_ratios, device):
         """Normalised centre of every token, [B,S,L,2] (x, y): relative to the valid part of
         its own level, then expressed in each level's padded frame."""
         reference_points_list = []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(spatial_sizes):
             ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
                                           torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
                                           indexing="ij")
@@ -196,11 +198,15 @@ class DeformableTransformerEncoder(nn.Module):
         reference_points = torch.cat(reference_points_list, 1)
         return reference_points[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos=None, padding_mask=None):
+    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos=None, padding_mask=None,
+                spatial_sizes=None):
+        """spatial_sizes: spatial_shapes as (H, W) numbers, when the caller has them."""
+        spatial_sizes = spatial_shapes.tolist() if spatial_sizes is None else spatial_sizes
         output = src
-        reference_points = self.get_reference_points(spatial_shapes, valid_ratios, device=src.device)
+        reference_points = self.get_reference_points(spatial_sizes, valid_ratios, device=src.device)
         for layer in self.layers:
-            output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask,
+                           spatial_sizes=spatial_sizes)
         return output
 
 
@@ -224,12 +230,12 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index,
-                src_padding_mask=None):
+                src_padding_mask=None, spatial_sizes=None):
         q = k = with_pos_embed(tgt, query_pos)
         tgt2 = attend(self.self_attn, q, k, tgt)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(with_pos_embed(tgt, query_pos), reference_points, src, src_spatial_shapes,
-                               level_start_index, src_padding_mask)
+                               level_start_index, src_padding_mask, spatial_sizes=spatial_sizes)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         tgt2 = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(tgt2))
@@ -252,7 +258,7 @@ class DeformableTransformerDecoder(nn.Module):
         self.class_embed = None
 
     def forward(self, tgt, reference_points, src, src_spatial_shapes, src_level_start_index, src_valid_ratios,
-                query_pos=None, src_padding_mask=None):
+                query_pos=None, src_padding_mask=None, spatial_sizes=None):
         """reference_points: [B,Q,2] points or [B,Q,4] boxes, sigmoided, relative to the valid image."""
         output = tgt
         intermediate, intermediate_reference_points = [], []
@@ -264,7 +270,7 @@ class DeformableTransformerDecoder(nn.Module):
                 ratios = src_valid_ratios
             reference_points_input = reference_points[:, :, None] * ratios[:, None]
             output = layer(output, query_pos, reference_points_input, src, src_spatial_shapes,
-                           src_level_start_index, src_padding_mask)
+                           src_level_start_index, src_padding_mask, spatial_sizes=spatial_sizes)
 
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[lid](output)

@@ -61,8 +61,10 @@ def contrastive_denoising_groups(targets, num_classes, num_queries, class_embed,
     real = real.repeat(1, 2 * num_group)
     negative = (torch.arange(total, device=device) // max(max_gt, 1)) % 2 == 1  # [D]
 
-    # Image i's positives in group g are the queries 2*m*g + j for its ground truths j < T_i.
-    positive_idx = (real & ~negative).nonzero()[:, 1].split([n * num_group for n in num_gts])
+    # Image i's positives in group g are the queries 2*m*g + j for its ground truths j < T_i
+    # (made from the counts, which the host knows: not read back from a mask).
+    group_start = torch.arange(num_group, device=device).unsqueeze(1) * (2 * max_gt)
+    positive_idx = tuple((group_start + torch.arange(n, device=device)).flatten() for n in num_gts)
 
     if label_noise_ratio > 0:
         flip = torch.rand(labels.shape, device=device) < label_noise_ratio * 0.5

@@ -37,14 +37,17 @@ class DecoderLayer(ResidualLayer):
         self.dropout3 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt, ref_boxes, memory, spatial_shapes, level_start_index, attn_mask=None, query_pos=None):
-        """tgt, query_pos [B, Q, C]; ref_boxes [B, Q, 1, 4] cxcywh in [0, 1]; memory [B, S, C]."""
+    def forward(self, tgt, ref_boxes, memory, spatial_shapes, level_start_index, attn_mask=None, query_pos=None,
+                spatial_sizes=None):
+        """tgt, query_pos [B, Q, C]; ref_boxes [B, Q, 1, 4] cxcywh in [0, 1]; memory [B, S, C];
+        spatial_sizes: spatial_shapes as (H, W) numbers on the host."""
         def self_attention(x):
             q = k = x + query_pos
             return attend(self.self_attn, q, k, x, attn_mask=attn_mask)
 
         def cross_attention(x):
-            return self.cross_attn(x + query_pos, ref_boxes, memory, spatial_shapes, level_start_index)
+            return self.cross_attn(x + query_pos, ref_boxes, memory, spatial_shapes, level_start_index,
+                                   spatial_sizes=spatial_sizes)
 
         tgt = self._residual(tgt, self_attention, self.norm1, self.dropout1)
         tgt = self._residual(tgt, cross_attention, self.norm2, self.dropout2)
@@ -58,7 +61,7 @@ class TransformerDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(**layer_kwargs) for _ in range(num_layers))
 
     def forward(self, tgt, ref_unact, memory, spatial_shapes, level_start_index, bbox_head, score_head,
-                query_pos_head, attn_mask=None):
+                query_pos_head, attn_mask=None, spatial_sizes=None):
         """Returns (boxes [L', B, Q, 4], logits [L', B, Q, K]): every layer in training, the last
         one in evaluation.
 
@@ -72,7 +75,7 @@ class TransformerDecoder(nn.Module):
         boxes, logits = [], []
         for i, layer in enumerate(self.layers):
             out = layer(out, ref_detached.unsqueeze(2), memory, spatial_shapes, level_start_index,
-                        attn_mask, query_pos_head(ref_detached))
+                        attn_mask, query_pos_head(ref_detached), spatial_sizes=spatial_sizes)
             delta = bbox_head[i](out)
             refined = (delta + inverse_sigmoid(ref_detached)).sigmoid()
             if self.training:
@@ -159,21 +162,24 @@ class RTDETRDecoder(nn.Module):
 
     def _flatten(self, feats):
         """Projected maps flattened and concatenated: memory [B, S, C], spatial shapes long [L, 2],
-        level start indices long [L]."""
+        level start indices long [L], and the shapes as (H, W) numbers (kept on the host: reading
+        them back would make it wait for the GPU)."""
         proj = [proj_i(feat) for proj_i, feat in zip(self.input_proj, feats)]
         memory = torch.cat([p.flatten(2).transpose(1, 2) for p in proj], 1)
-        shapes = torch.tensor([p.shape[-2:] for p in proj], dtype=torch.long, device=memory.device)
-        sizes = shapes.prod(1)
-        return memory, shapes, torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+        spatial_sizes = [tuple(p.shape[-2:]) for p in proj]
+        shapes = torch.tensor(spatial_sizes, dtype=torch.long)
+        starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+        return (memory, shapes.to(memory.device, non_blocking=True), starts.to(memory.device, non_blocking=True),
+                spatial_sizes)
 
-    def _select_queries(self, memory, spatial_shapes):
+    def _select_queries(self, memory, spatial_sizes):
         """IoU-aware query selection: score every encoder feature, keep the num_queries best as
         the decoder's initial content (detached) and reference boxes (their anchor plus the
         predicted correction, detached). Returns (target, ref_unact, enc_outputs)."""
         if memory.shape[1] < self.num_queries:
             raise ValueError(f"RT-DETR: the feature maps have {memory.shape[1]} positions, fewer than "
                              f"num_queries={self.num_queries}; use larger images or fewer queries")
-        anchors, valid = generate_anchors(spatial_shapes.tolist(), eps=self.eps, device=memory.device)
+        anchors, valid = generate_anchors(spatial_sizes, eps=self.eps, device=memory.device)
         output_memory = self.enc_output(valid.to(memory.dtype) * memory)
         enc_logits = self.enc_score_head(output_memory)
         enc_coords_unact = self.enc_bbox_head(output_memory) + anchors
@@ -188,8 +194,8 @@ class RTDETRDecoder(nn.Module):
         return gather(output_memory).detach(), ref_unact.detach(), enc_outputs
 
     def forward(self, feats, targets=None):
-        memory, spatial_shapes, level_start_index = self._flatten(feats)
-        target, ref_unact, enc_outputs = self._select_queries(memory, spatial_shapes)
+        memory, spatial_shapes, level_start_index, spatial_sizes = self._flatten(feats)
+        target, ref_unact, enc_outputs = self._select_queries(memory, spatial_sizes)
 
         dn = None
         if self.training and self.num_denoising > 0:
@@ -203,7 +209,7 @@ class RTDETRDecoder(nn.Module):
 
         boxes, logits = self.decoder(target, ref_unact, memory, spatial_shapes, level_start_index,
                                      self.dec_bbox_head, self.dec_score_head, self.query_pos_head,
-                                     attn_mask=None if dn is None else dn.attn_mask)
+                                     attn_mask=None if dn is None else dn.attn_mask, spatial_sizes=spatial_sizes)
         if dn is not None:
             dn_boxes, boxes = boxes.split(dn.meta["dn_num_split"], dim=2)
             dn_logits, logits = logits.split(dn.meta["dn_num_split"], dim=2)

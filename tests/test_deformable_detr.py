@@ -267,7 +267,7 @@ def test_valid_ratios_and_encoder_reference_points():
     assert torch.allclose(ratios, torch.tensor([[[1, 1], [1, 1]], [[4 / 6, 3 / 4], [2 / 3, 1.0]]]))
 
     shapes = torch.tensor([[4, 6], [2, 3]])
-    ref = DeformableTransformerEncoder.get_reference_points(shapes, ratios, "cpu")
+    ref = DeformableTransformerEncoder.get_reference_points(shapes.tolist(), ratios, "cpu")
     assert ref.shape == (2, 24 + 6, 2, 2)
     for b in range(2):
         token = 0
@@ -291,7 +291,7 @@ def test_encoder_proposals_and_their_position_embedding():
     mask = torch.zeros(1, 5 * 4 + 3 * 2, dtype=torch.bool)
     mask[0, :20].view(5, 4)[:, 3:] = True  # level 0: 3 valid columns of 4
     memory = torch.randn(1, 26, 16)
-    output_memory, proposals = transformer.gen_encoder_output_proposals(memory, mask, shapes)
+    output_memory, proposals = transformer.gen_encoder_output_proposals(memory, mask, shapes.tolist())
 
     token = 0
     for lvl, ((h, w), valid_w) in enumerate(zip(shapes.tolist(), [3, 2])):

@@ -373,7 +373,15 @@ def sync_counting_step(flags, micro_batches, counter=HostReads, device="cpu"):
 
 SYNC_CASES = {
     "detr": TINY_DETR_FLAGS + ["--num_classes", "5"],
+    "deformable_detr": TINY_DEFORMABLE_FLAGS + DEFORMABLE_VARIANTS["two_stage"],
+    "rtdetr": TINY_RTDETR_FLAGS,
 }
+
+
+def sync_case_flags(model, loss):
+    """--loss dap runs with the AP-cost matcher (and RT-DETR's query selection trained by DAP)."""
+    dap_alone = ["--matcher", "dap"] + (["--no_iou_aware_query_selection"] if model == "rtdetr" else [])
+    return SYNC_CASES[model] + ["--loss", loss] + (dap_alone if loss == "dap" else [])
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
@@ -384,9 +392,8 @@ def test_a_training_step_reads_the_device_once_per_matched_layer_and_once_to_log
     layer (the assignment runs on the host), and once the step's logged values and gradient
     norm. Nothing else: no per-value logging reads, no shape or count read back, no boolean
     masks. (On a GPU, torch.cuda.set_sync_debug_mode checks the same: see test_..._on_a_gpu.)"""
-    matcher = ["--matcher", "dap"] if loss == "dap" else []
-    reads, matched_layers = sync_counting_step(SYNC_CASES[model] + ["--loss", loss, *matcher], micro_batches)
-    assignment = "models/dap_matcher.py:forward" if matcher else "models/matcher.py:assign_per_image"
+    reads, matched_layers = sync_counting_step(sync_case_flags(model, loss), micro_batches)
+    assignment = "models/dap_matcher.py:forward" if loss == "dap" else "models/matcher.py:assign_per_image"
     assert matched_layers > 0
     assert dict(reads.events) == {("cpu", assignment): matched_layers, ("tolist", "engine.py:read_step_values"): 1}
 
@@ -411,6 +418,5 @@ class CudaSyncs:
 @pytest.mark.parametrize("loss", ["raw", "dap", "raw+dap"])
 @pytest.mark.parametrize("model", sorted(SYNC_CASES))
 def test_a_training_step_synchronises_once_per_matched_layer_and_once_to_log_on_a_gpu(model, loss):
-    matcher = ["--matcher", "dap"] if loss == "dap" else []
-    syncs, matched_layers = sync_counting_step(SYNC_CASES[model] + ["--loss", loss, *matcher], 2, CudaSyncs, "cuda")
+    syncs, matched_layers = sync_counting_step(sync_case_flags(model, loss), 2, CudaSyncs, "cuda")
     assert 0 < syncs.count <= matched_layers + 1

@@ -199,9 +199,9 @@ def module_inputs(N=2, Lq=3, ref_dim=2, seed=0):
 def capture_operator_inputs(monkeypatch):
     captured = {}
 
-    def spy(value, shapes, start, loc, attn, im2col_step):
-        captured.update(value=value, loc=loc, attn=attn)
-        return ms_deform_attn(value, shapes, start, loc, attn, im2col_step)
+    def spy(value, shapes, start, loc, attn, im2col_step, spatial_sizes=None):
+        captured.update(value=value, loc=loc, attn=attn, spatial_sizes=spatial_sizes)
+        return ms_deform_attn(value, shapes, start, loc, attn, im2col_step, spatial_sizes=spatial_sizes)
     monkeypatch.setattr(msda_module, "ms_deform_attn", spy)
     return captured
 

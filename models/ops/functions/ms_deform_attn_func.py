@@ -40,10 +40,11 @@ _logged_paths = set()
 def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations, attention_weights):
     """Bilinear sampling of every level with F.grid_sample, then the weighted sum over levels and
     points. Pixel centres sit at (i + 0.5) / size and samples outside a map read zeros, exactly
-    as in the CUDA kernels."""
+    as in the CUDA kernels. value_spatial_shapes: the long tensor [L, 2], or its (H, W) pairs
+    as numbers (then nothing is read back from the device)."""
     N, _, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    shapes = value_spatial_shapes.tolist()
+    shapes = value_spatial_shapes.tolist() if torch.is_tensor(value_spatial_shapes) else value_spatial_shapes
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     samples = []
@@ -177,13 +178,16 @@ def _log_path_once(path):
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                   im2col_step=64):
+                   im2col_step=64, spatial_sizes=None):
     """Multi-scale deformable attention; the CUDA op for CUDA tensors when it is built, the
-    PyTorch implementation otherwise (same result up to float rounding)."""
+    PyTorch implementation otherwise (same result up to float rounding). spatial_sizes: the
+    (H, W) pairs of spatial_shapes on the host, if the caller has them (the PyTorch path needs
+    them; without, it reads the tensor)."""
     path = _path_for(value)
     _log_path_once(path)
     if path != "cuda op":
-        return ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+        return ms_deform_attn_core_pytorch(value, spatial_shapes if spatial_sizes is None else spatial_sizes,
+                                           sampling_locations, attention_weights)
     # The kernels exist for float32 and float64 only: half/bfloat16 inputs (autocast) run in
     # float32 and the result goes back to the dtype of value.
     dtype = torch.float64 if value.dtype == torch.float64 else torch.float32

@@ -56,7 +56,7 @@ class MSDeformAttn(nn.Module):
         nn.init.zeros_(self.output_proj.bias)
 
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
-                input_level_start_index, input_padding_mask=None):
+                input_level_start_index, input_padding_mask=None, spatial_sizes=None):
         """
         query                    [N, Lq, C]
         reference_points         [N, Lq, L, 2] (x, y) in [0, 1], or [N, Lq, L, 4] boxes (cx, cy, w, h)
@@ -64,11 +64,16 @@ class MSDeformAttn(nn.Module):
         input_spatial_shapes     long [L, 2], (H, W) of each level
         input_level_start_index  long [L], start of each level in S
         input_padding_mask       bool [N, S], True at padding, or None
+        spatial_sizes            the (H, W) of each level as numbers on the host, or None: then
+                                 they are read from input_spatial_shapes, which makes the host
+                                 wait for the GPU (the detectors pass them)
         returns                  [N, Lq, C]
         """
         N, Lq, _ = query.shape
         _, S, _ = input_flatten.shape
-        covered = int((input_spatial_shapes[:, 0] * input_spatial_shapes[:, 1]).sum())
+        if spatial_sizes is None:
+            spatial_sizes = input_spatial_shapes.tolist()
+        covered = sum(h * w for h, w in spatial_sizes)
         if covered != S:
             raise ValueError(f"MSDeformAttn: input_spatial_shapes cover {covered} positions "
                              f"but input_flatten has {S}")
@@ -96,5 +101,5 @@ class MSDeformAttn(nn.Module):
                              f"got shape {tuple(reference_points.shape)}")
 
         output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
-                                sampling_locations, attention_weights, self.im2col_step)
+                                sampling_locations, attention_weights, self.im2col_step, spatial_sizes=spatial_sizes)
         return self.output_proj(output)
