@@ -58,7 +58,7 @@ class DAPMatcher(nn.Module):
         # each target's (image, slot) in the padded [B, T_max] layout; one scatter for the batch
         image = torch.arange(batch).repeat_interleave(torch.tensor(sizes))
         slot = torch.cat([torch.arange(n) for n in sizes])
-        where = (image.to(device), slot.to(device))
+        where = tuple(torch.stack([image, slot]).to(device, non_blocking=True))  # one copy, not waited for
         gt_boxes = torch.zeros(batch, most, 4, device=device)
         gt_boxes[..., 2:] = 1.0  # padding: a valid box, its costs are never read
         gt_boxes[where] = torch.cat([t["boxes"] for t in targets]).float()

@@ -22,9 +22,9 @@ def assign_each(costs):
 
 class MatchedPairs(NamedTuple):
     """Every matched (query, target) pair of a batch, image after image."""
-    image: torch.Tensor   # [P] the pair's image in the batch (on the device of the matching)
+    image: torch.Tensor   # [P] the pair's image in the batch (all on the targets' device)
     query: torch.Tensor   # [P] its query
-    labels: torch.Tensor  # [P] its target's class (on the targets' device)
+    labels: torch.Tensor  # [P] its target's class
     boxes: torch.Tensor   # [P, 4] its target's box
 
     @property
@@ -35,15 +35,24 @@ class MatchedPairs(NamedTuple):
 
 def matched_pairs(targets, indices):
     """The pairs of a matching (one (query indices, target indices) per image) with their
-    targets' classes and boxes: one gather from the batch's concatenated targets, not one per
-    image (which costs a kernel launch each on a GPU)."""
+    targets' classes and boxes, on the targets' device: one gather from the batch's
+    concatenated targets, not one per image (which costs a kernel launch each on a GPU).
+
+    Which image each pair belongs to is known on the host (the lengths); the matcher's indices
+    are host tensors too (the assignment runs there). Both go to the device in one copy that
+    does not make the host wait, never as host tensors indexing device ones (a blocking copy
+    each time)."""
+    device = targets[0]["labels"].device
+    lengths = torch.tensor([len(q) for q, _ in indices])
+    image = torch.arange(len(indices)).repeat_interleave(lengths)
+    offset = torch.tensor([0] + [len(t["labels"]) for t in targets[:-1]]).cumsum(0)[image]
     query = torch.cat([query for query, _ in indices])
     target = torch.cat([target for _, target in indices])
-    device = target.device  # the host for the matcher's pairs, the GPU for the denoising ones
-    sizes = torch.tensor([len(q) for q, _ in indices], device=device)
-    image = torch.arange(len(indices), device=device).repeat_interleave(sizes)
-    first_target = torch.tensor([0] + [len(t["labels"]) for t in targets[:-1]], device=device).cumsum(0)
-    flat = target + first_target[image]
+    if query.device == device:  # pairs made on the device (the denoising queries)
+        image, offset = torch.stack([image, offset]).to(device, non_blocking=True)
+        flat = target + offset
+    else:
+        image, query, flat = torch.stack([image, query, target + offset]).to(device, non_blocking=True)
     labels = torch.cat([t["labels"] for t in targets])
     boxes = torch.cat([t["boxes"] for t in targets])
     return MatchedPairs(image, query, labels[flat], boxes[flat])

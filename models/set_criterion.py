@@ -155,7 +155,7 @@ class BaseSetCriterion(nn.Module):
     def loss_cardinality(self, outputs, targets, indices, totals):
         """Mean absolute error of the number of predicted objects; for logging only."""
         pred_logits = outputs["pred_logits"]
-        tgt_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=pred_logits.device)
+        tgt_lengths = torch.tensor([len(t["labels"]) for t in targets]).to(pred_logits.device, non_blocking=True)
         card_pred = (pred_logits.argmax(-1) != pred_logits.shape[-1] - 1).sum(1)
         return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths.float())}
 
@@ -193,7 +193,7 @@ class BaseSetCriterion(nn.Module):
         local = self.local_totals([t for batch in step.targets for t in batch], num_queries)
         shares = get_world_size() * step.micro_batches
         if is_dist_avail_and_initialized():
-            summed = torch.tensor([float(v) for v in local.values()], dtype=torch.float64, device=device)
+            summed = torch.tensor([float(v) for v in local.values()], dtype=torch.float64).to(device, non_blocking=True)
             torch.distributed.all_reduce(summed)
             totals = dict(zip(local, (summed / shares).float()))
             totals["num_boxes"] = totals["num_boxes"].clamp(min=1)
