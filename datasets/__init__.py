@@ -48,7 +48,7 @@ def build_data_loaders(dataset_train, dataset_val, args):
         raise UserInputError(f"the training set has {len(dataset_train)} images, fewer than one batch of "
                              f"{args.batch_size} per process")
     # Page-locked batches copy to a GPU asynchronously (the engine copies with non_blocking).
-    pin = torch.device(args.device).type == "cuda"
+    pin = torch.device(args.device).type == "cuda" and torch.cuda.is_available()
     data_loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler_train,
                                    collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=pin)
     data_loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
