@@ -14,6 +14,7 @@ import copy
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import submitit
@@ -64,18 +65,38 @@ def continue_in_output_dir(options):
     return str(checkpoint)
 
 
+def epochs_logged(output_dir):
+    """How many epochs main.py has finished in output_dir: it logs each to log.txt as it ends."""
+    try:
+        with open(Path(output_dir) / "log.txt") as f:
+            return sum(1 for line in f if line.strip())
+    except FileNotFoundError:
+        return 0
+
+
+def timed_out(started, timeout_min, now=None):
+    """Whether a job that started at `started` has used its time, by submitit's own rule: it
+    has run for min(80 %, all but 10 minutes) of --timeout."""
+    limit = timeout_min * 60
+    return (now if now is not None else time.time()) - started >= min(0.8 * limit, limit - 600)
+
+
 class Trainer:
     """The submitted callable: runs main.main(args) in every task of the job. submitit calls
     checkpoint() on SIGUSR2 (time limit or preemption notice) and requeues what it returns."""
 
     def __init__(self, args):
         self.args = args
+        self.output_dir = args.output_dir
+        self.started = None  # (time, epochs logged) when this job began
 
     def __call__(self):
         args = copy.deepcopy(self.args)  # main() edits args; a requeue must start from the original
         env = submitit.JobEnvironment()
         args.output_dir = args.output_dir.replace("%j", str(env.job_id))
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        self.output_dir = args.output_dir
+        self.started = (time.time(), epochs_logged(args.output_dir))
         if env.num_tasks > 1:
             # env:// rendezvous on the first node; the port is derived from the job id, so a
             # requeued job (same id) uses the same one. Every task sees all GPUs of its node.
@@ -89,6 +110,14 @@ class Trainer:
     def checkpoint(self):
         # main.py writes checkpoint.pth after every epoch; the requeued job starts from it
         # (see __call__), and per-epoch seeding makes the redone epoch draw the same numbers.
+        # A job that used its time without finishing an epoch would redo the same epoch at every
+        # requeue, never advancing: it is not requeued (a preempted one is, whatever its progress).
+        if self.started is not None and timed_out(self.started[0], self.args.timeout) \
+                and epochs_logged(self.output_dir) == self.started[1]:
+            print(f"error: no epoch finished within --timeout {self.args.timeout} minutes (an epoch and its "
+                  f"evaluation take longer), so a requeued job would never advance; resubmit with a larger "
+                  f"--timeout: it continues from {self.output_dir}", flush=True)
+            return None
         return submitit.helpers.DelayedSubmission(type(self)(self.args))
 
 

@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+import submitit
 
 import run_with_submitit
 
@@ -129,6 +130,29 @@ def test_continue_in_output_dir(tmp_path):
     assert run_with_submitit.continue_in_output_dir(options) == str(tmp_path / "checkpoint.pth")
     assert options == {"output_dir": str(tmp_path), "finetune": "", "resume": str(tmp_path / "checkpoint.pth"),
                        "eval": False}
+
+
+def test_a_job_that_cannot_finish_an_epoch_in_its_time_is_not_requeued(tmp_path, capsys):
+    """A job whose epoch and evaluation take longer than --timeout redid the same epoch at every
+    requeue until it ran out of requeues. Now the time-limit signal ends it with one line; a job
+    that finished an epoch, or is preempted before its time is used, is requeued as before."""
+    args = run_with_submitit.get_launcher_parser().parse_args(["--output_dir", str(tmp_path), "--timeout", "60"])
+    trainer = run_with_submitit.Trainer(args)
+    (tmp_path / "log.txt").write_text('{"epoch": 0}\n{"epoch": 1}\n')
+    now = time.time()
+    timed_out = run_with_submitit.timed_out
+    assert timed_out(now - 48 * 60, 60, now) and not timed_out(now - 47 * 60, 60, now)  # 80 % of the limit
+    assert timed_out(now - 20 * 60, 30, now) and not timed_out(now - 19 * 60, 30, now)  # all but 10 minutes
+
+    trainer.started = (now - 50 * 60, 2)  # no epoch since the job began, its time used
+    assert trainer.checkpoint() is None
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("error: no epoch finished within --timeout 60 minutes") and str(tmp_path) in line
+
+    trainer.started = (now - 5 * 60, 2)  # preempted early: requeued
+    assert isinstance(trainer.checkpoint(), submitit.helpers.DelayedSubmission)
+    trainer.started = (now - 50 * 60, 1)  # an epoch finished in this job: requeued
+    assert isinstance(trainer.checkpoint(), submitit.helpers.DelayedSubmission)
 
 
 @pytest.fixture(scope="module")
