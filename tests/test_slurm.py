@@ -215,14 +215,14 @@ def test_srun_without_torchrun_trains_two_tasks(slurm_cluster, requeue_coco, tmp
     """`srun --ntasks 2 python main.py --world_size 2`: each task takes its rank from SLURM and
     meets the other at the job's first node, on a port derived from the job id (torchrun, which
     would set MASTER_ADDR and MASTER_PORT, is not involved)."""
-    # Nothing of an earlier job's environment (submitit's local tasks leave SLURM_* variables, which
-    # srun reads as options) and no rendezvous given.
+    # No rendezvous given, and no SLURM_* or SUBMITIT_* variables of the calling environment.
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("SLURM_", "SUBMITIT_")) and key not in ("MASTER_ADDR", "MASTER_PORT")}
     env.update(slurm_cluster, OMP_NUM_THREADS="1")
     out = tmp_path / "out"
     argv = launcher_argv(requeue_coco, out, 1)[:-2]  # without the launcher's --nodes
-    srun = ["srun", "--nodes", "1", "--ntasks", "2", "--cpus-per-task", "1"]
+    # --overcommit: the local cluster's node has as many CPUs as nproc says, 1 under OMP_NUM_THREADS=1
+    srun = ["srun", "--nodes", "1", "--ntasks", "2", "--cpus-per-task", "1", "--overcommit"]
     proc = subprocess.run([*srun, sys.executable, "main.py", *argv, "--world_size", "2"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
