@@ -129,12 +129,12 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
 
 def counting_pass(model, criterion, step_samples, step_targets, amp):
     """First pass of an accumulated step with DAP-loss: the micro-batches `step_samples` (on the
-    device; the first len(step_samples) of the step's step_targets) forward without gradients, to give the criterion the
-    soft counts of the whole step (DAP's precision is that of the step's batch, as without
-    accumulation). Buffers (batch-norm statistics) are restored afterwards. Returns (what
-    criterion.count returned for each micro-batch, the RNG state before each micro-batch), so that
-    the gradient pass draws the same dropout, denoising noise and input scale, hence gives the same
-    counts. Costs one forward pass per micro-batch counted."""
+    device; the first len(step_samples) of the step's step_targets) forward without gradients,
+    to give the criterion the soft counts of the whole step (DAP's precision is that of the
+    step's batch, as without accumulation). Buffers (batch-norm statistics) are restored
+    afterwards. Returns (what criterion.count returned for each micro-batch, the RNG state before
+    each micro-batch), so that the gradient pass draws the same dropout, denoising noise and input
+    scale, hence gives the same counts. Costs one forward pass per micro-batch counted."""
     buffers = [(b, b.clone()) for b in model.buffers()]
     rng_states, counted = [], []
     with torch.no_grad():
