@@ -431,6 +431,9 @@ def test_op_inputs_are_checked_in_python_before_the_op(monkeypatch):
             MSDeformAttnFunction.apply(*inputs)
         with pytest.raises(ValueError, match=message):
             msda_func.check_op_inputs(*inputs)
+    # an empty batch divides any step: only the device is wrong here
+    with pytest.raises(ValueError, match="CUDA device"):
+        msda_func.check_op_inputs(value[:0], shapes, start, loc[:0], attn[:0], 64)
 
 
 @pytest.mark.parametrize("batch, step, chunk", [(4, 64, 4), (65, 64, 13), (64, 64, 64), (3, 2, 1), (6, 4, 3),

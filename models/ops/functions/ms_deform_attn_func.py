@@ -98,7 +98,7 @@ def check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations
     if sampling_locations.dtype != value.dtype or attention_weights.dtype != value.dtype:
         raise ValueError(f"sampling_locations ({sampling_locations.dtype}) and attention_weights "
                          f"({attention_weights.dtype}) must have value's dtype ({value.dtype})")
-    if im2col_step <= 0 or batch % min(batch, im2col_step):
+    if im2col_step <= 0 or batch % max(1, min(batch, im2col_step)):  # as the kernels: an empty batch is one chunk
         raise ValueError(f"the batch size ({batch}) must be divisible by im2col_step ({im2col_step}), "
                          f"or im2col_step at least the batch size")
     tensors = dict(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
