@@ -82,8 +82,8 @@ def merge_records(records):
 
 
 class CountReducer:
-    """The reduce_counts of one layer (see differentiable_ap_terms): sums the stacked tp and fp
-    over processes in one all-reduce, keeps them (detached) in .counts, and adds `offset`, the
+    """The reduce_counts of a stack of layers (see differentiable_ap_terms): sums the stacked
+    tp and fp over processes in one all-reduce, keeps them (detached) in .counts, and adds `offset`, the
     counts of the step's other micro-batches: under gradient accumulation the precision is then
     that of the whole step, while the gradient flows through this micro-batch's own counts only."""
 
@@ -99,6 +99,15 @@ class CountReducer:
         return counts if self.offset is None else counts + self.offset
 
 
+class DAPLayer(NamedTuple):
+    """One layer to score with DAP-loss: its name (the suffix of its loss keys), outputs,
+    targets and matching."""
+    name: str
+    outputs: dict
+    targets: list
+    indices: list
+
+
 class DAPLayerResult(NamedTuple):
     loss: torch.Tensor       # -DAP (Eq. 9), this process's share, scaled as the upstream losses
     dap: torch.Tensor        # the DAP value, detached (what is logged)
@@ -107,7 +116,7 @@ class DAPLayerResult(NamedTuple):
 
 
 class DAPLoss:
-    """loss_dap = -DAP (Eq. 9) of one layer, with the soft counts summed over every process so
+    """loss_dap = -DAP (Eq. 9) of each layer, with the soft counts summed over every process so
     that the AP is that of the global batch (section 3.4: minibatch AP).
 
     Each process computes its positives' share of the global DAP (the counts and G are global)
@@ -116,11 +125,16 @@ class DAPLoss:
     processes, which then gives exactly the gradient of the global DAP; the logged average over
     processes is the global DAP, as the upstream losses do with their box count.
 
-    Under gradient accumulation `others` is the merged LayerRecord of the step's other
-    micro-batches (from the engine's counting pass): their counts are added to this one's, so
-    the precision and the DAP are those of the whole step, and their positives' terms of Eq. 10
-    enter through the precision, so that the summed gradients are those of one batch holding
-    all the step's images.
+    Under gradient accumulation `others` holds, per layer, the merged LayerRecord of the step's
+    other micro-batches (from the engine's counting pass): their counts are added to this one's,
+    so the precision and the DAP are those of the whole step, and their positives' terms of
+    Eq. 10 enter through the precision, so that the summed gradients are those of one batch
+    holding all the step's images.
+
+    The layers are independent DAP problems. Those of equal sizes (the decoder layers: every
+    layer matches each ground truth once and has the same negatives) are computed as one
+    stack, with one all-reduce: the cost of DAP is then mostly that of its large tensors, not
+    of a few hundred small operations per layer.
     """
 
     def __init__(self, *, activation, num_bins=32, sigma=0.05, num_gt=256, neg_topk=100):
@@ -130,23 +144,47 @@ class DAPLoss:
         self.num_gt = num_gt if num_gt else None  # 0 means "count the ground truth"
         self.neg_topk = neg_topk
 
-    def __call__(self, outputs, targets, indices, *, num_matched, shares, others=None):
-        """num_matched: matched pairs of the step per (process, micro-batch) (G when --dap_num_gt
-        is 0); shares: the number of (process, micro-batch) pairs; others: see the class."""
-        pos_scores, pos_ious, neg_scores, neg_weights = gather_detections(outputs, targets, indices, self.activation,
-                                                                          self.neg_topk)
+    def __call__(self, layers, *, num_matched, shares, others=None):
+        """layers: DAPLayers; num_matched: matched pairs of the step per (process, micro-batch)
+        (G when --dap_num_gt is 0); shares: the number of (process, micro-batch) pairs;
+        others: {layer name: LayerRecord or None} (see the class), or None.
+        Returns {layer name: DAPLayerResult}."""
         num_gt = self.num_gt if self.num_gt is not None else num_matched * shares
-        reducer = CountReducer(is_dist_avail_and_initialized(), None if others is None else others.counts)
+        gathered = {layer.name: gather_detections(layer.outputs, layer.targets, layer.indices, self.activation,
+                                                  self.neg_topk) for layer in layers}
+        others = others or {}
+        groups = {}
+        for layer in layers:
+            pos_scores, _, neg_scores, _ = gathered[layer.name]
+            other = others.get(layer.name)
+            key = (pos_scores.shape, neg_scores.shape, None if other is None else other.pos_scores.shape)
+            groups.setdefault(key, []).append(layer)
+        results = {}
+        for group in groups.values():
+            results.update(self._stack(group, [gathered[layer.name] for layer in group],
+                                       [others.get(layer.name) for layer in group], num_gt, shares))
+        return results
+
+    def _stack(self, layers, gathered, others, num_gt, shares):
+        """The layers of one size as one stack of DAP problems."""
+        pos_scores, pos_ious, neg_scores, neg_weights = (torch.stack(parts) for parts in zip(*gathered))
+        with_others = others[0] is not None
+        reducer = CountReducer(is_dist_avail_and_initialized(),
+                               torch.stack([o.counts for o in others]) if with_others else None)
         terms = differentiable_ap_terms(pos_scores, pos_ious, neg_scores, neg_weights, num_bins=self.num_bins,
                                         sigma=self.sigma, num_gt=num_gt, reduce_counts=reducer)
         dap = terms.dap
-        if others is not None:
+        if with_others:
             # The other micro-batches' positives in Eq. 10: constant in value, but through the
             # precision table a function of this micro-batch's counts. With them the gradient
             # through the precision is that of the whole step's DAP, not of this share alone.
-            others_sum = localisation_sum(others.pos_scores, others.pos_ious, terms.precision, sigma=self.sigma)
+            others_sum = localisation_sum(torch.stack([o.pos_scores for o in others]),
+                                          torch.stack([o.pos_ious for o in others]), terms.precision, sigma=self.sigma)
             through_precision = safe_divide(others_sum, len(COCO_IOU_THRESHOLDS) * num_gt)
             dap = dap + (through_precision - through_precision.detach())
         dap = dap * shares
-        return DAPLayerResult(-dap, dap.detach(), terms.precision.detach(),
-                              LayerRecord(reducer.counts, pos_scores.detach(), pos_ious.detach(), indices))
+        detached, precision = dap.detach(), terms.precision.detach()
+        pos_scores, pos_ious = pos_scores.detach(), pos_ious.detach()
+        return {layer.name: DAPLayerResult(-dap[i], detached[i], precision[i],
+                                           LayerRecord(reducer.counts[i], pos_scores[i], pos_ious[i], layer.indices))
+                for i, layer in enumerate(layers)}

@@ -9,6 +9,10 @@ the step in IoU is replaced by a piecewise-linear function.
 
 Notation: N score thresholds x_i = i / N, Gaussian score smoothing of width sigma, K IoU
 thresholds alpha_k (COCO's ten by default). Every count and precision table is [K, N].
+
+DAP's functions also take a stack of independent problems: a leading dimension L on every
+input ([L, P] positives, [L, M] negatives) gives [L] values and [L, K, N] tables. The criterion
+computes the decoder layers of one step this way, in one pass instead of one per layer.
 """
 import functools
 import math
@@ -22,8 +26,8 @@ COCO_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))
 
 
 class DAPTerms(NamedTuple):
-    dap: torch.Tensor        # scalar DAP value (Eq. 10); the loss is its negative (Eq. 9)
-    precision: torch.Tensor  # [K, N] interpolated precision P_k^i (section 3.4)
+    dap: torch.Tensor        # DAP value (Eq. 10), [] or [L]; the loss is its negative (Eq. 9)
+    precision: torch.Tensor  # [K, N] or [L, K, N] interpolated precision P_k^i (section 3.4)
 
 
 # The constant tensors of every call are made once per (size, dtype, device) and reused: no
@@ -95,7 +99,7 @@ def tail_mass(scores, thresholds, sigma):
 
 
 class _WeightedTailSum(torch.autograd.Function):
-    """sum_m w_m T_i(s_m) for every bin i, [N], with its gradient in the scores written out:
+    """sum_m w_m T_i(s_m) for every bin i, [..., N], with its gradient in the scores written out:
     dT_i(s) / ds = exp(-u^2) / (sigma sqrt(2 pi)) with u the erfc argument (0 for |u| > c, as
     in tail_mass). The negatives are every query of the batch, so the [M, N] table is the
     largest tensor of DAP-loss; autograd would keep it until backward, this keeps only the
@@ -110,7 +114,7 @@ class _WeightedTailSum(torch.autograd.Function):
         beyond = u > c
         tails = u.clamp_(-c, c).erfc_().masked_fill_(beyond, 0.0)
         # Unweighted, a plain sum: it sums more accurately than a matrix-vector product.
-        return 0.5 * (tails.sum(0) if weights is None else weights @ tails)
+        return 0.5 * (tails.sum(-2) if weights is None else (weights.unsqueeze(-2) @ tails).squeeze(-2))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -121,12 +125,13 @@ class _WeightedTailSum(torch.autograd.Function):
         outside = squared > c * c
         density = squared.clamp_(max=c * c).neg_().exp_().masked_fill_(outside, 0.0)
         scale = 1.0 / (ctx.sigma * math.sqrt(2 * math.pi))
-        grad_scores = (density @ grad) * scale
+        grad_scores = (density @ grad.unsqueeze(-1)).squeeze(-1) * scale
         return grad_scores if weights is None else grad_scores * weights, None, None, None
 
 
 def weighted_tail_sum(scores, weights, num_bins, sigma):
-    """sum_m w_m T_i(s_m) over scores [M] with weights [M] (None: all 1), for every bin i; [N].
+    """sum_m w_m T_i(s_m) over scores [..., M] with weights [..., M] (None: all 1), for every
+    bin i; [..., N].
     Equal to weights @ tail_mass(scores, ...), without keeping the [M, N] table for backward."""
     weights = None if weights is None else weights.to(scores.dtype)
     return _WeightedTailSum.apply(scores, weights, num_bins, float(sigma))
@@ -146,16 +151,16 @@ def bin_mass(scores, thresholds, sigma):
 
 
 def soft_counts(pos_tails, pos_ious, neg_tail_sum, iou_thresholds):
-    """Soft true / false positive counts tp_k^i, fp_k^i, each [K, N] (Eq. 6, 7).
+    """Soft true / false positive counts tp_k^i, fp_k^i, each [..., K, N] (Eq. 6, 7).
 
-    pos_tails: [P, N] the positives' T_i; neg_tail_sum: [N] the negatives' T_i summed
-    (weighted_tail_sum). Whether a positive reaches alpha_k is a step of its IoU: no gradient
-    flows through it.
+    pos_tails: [..., P, N] the positives' T_i; pos_ious: [..., P]; neg_tail_sum: [..., N] the
+    negatives' T_i summed (weighted_tail_sum). Whether a positive reaches alpha_k is a step of
+    its IoU: no gradient flows through it.
     """
     alphas = iou_threshold_tensor(iou_thresholds, pos_ious.dtype, pos_ious.device)
-    reached = (pos_ious.detach().unsqueeze(0) >= alphas.unsqueeze(1)).to(pos_tails.dtype)  # [K, P]
+    reached = (pos_ious.detach().unsqueeze(-2) >= alphas.unsqueeze(-1)).to(pos_tails.dtype)  # [..., K, P]
     tp = reached @ pos_tails
-    fp = (1 - reached) @ pos_tails + neg_tail_sum
+    fp = (1 - reached) @ pos_tails + neg_tail_sum.unsqueeze(-2)
     return tp, fp
 
 
@@ -184,8 +189,9 @@ def _lower_triangle(size, device):
 
 
 def interpolated_precision(precision):
-    """P_k^i = max_{j <= i} p_k^j (section 3.4): COCO's precision envelope, taken over the
-    lower score thresholds (higher recalls), so P_k^i is non-decreasing in i.
+    """P_k^i = max_{j <= i} p_k^j (section 3.4), of [..., K, N] tables: COCO's precision
+    envelope, taken over the lower score thresholds (higher recalls), so P_k^i is
+    non-decreasing in i.
 
     The value is the exact maximum. Its gradient goes to the lowest bin j whose precision is
     within TIE_ULPS units in the last place of it: bins whose precisions are equal in exact
@@ -195,9 +201,9 @@ def interpolated_precision(precision):
     and ties already resolve to the lowest bin; in float32 the gradient would otherwise follow
     the rounding noise (docs/DAP.md, Numerics).
     """
-    envelope = precision.detach().cummax(dim=-1).values  # [K, N]
+    envelope = precision.detach().cummax(dim=-1).values  # [..., K, N]
     slack = TIE_ULPS * torch.finfo(precision.dtype).eps * envelope
-    # near[k, i, j]: bin j <= i is tied with the envelope at bin i
+    # near[..., k, i, j]: bin j <= i is tied with the envelope at bin i
     below = _lower_triangle(precision.shape[-1], precision.device)
     near = (precision.detach().unsqueeze(-2) >= (envelope - slack).unsqueeze(-1)) & below
     chosen = precision.gather(-1, near.to(torch.uint8).argmax(dim=-1))  # the lowest such j
@@ -207,15 +213,18 @@ def interpolated_precision(precision):
 def localisation_function(ious, interp_precision, iou_thresholds=COCO_IOU_THRESHOLDS):
     """L̂_i(u) (Eq. 4, section 3.2.1) for every IoU u and bin i; shape ious.shape + (N,).
 
+    interp_precision: [K, N], or a stack [..., K, N] whose leading dimensions ious starts with
+    (ious [L, P] with tables [L, K, N]: each row of IoUs with its own table).
+
     Piecewise linear in u (clamped to [0, 1]) through the knots (0, 0), (alpha_k, C_k^i) with
     C_k^i = sum_{m <= k} P_m^i, and (1, C_K^i + P_K^i); for the COCO thresholds this last knot
     extends the 0.90 -> 0.95 segment with its own slope. At the knots alpha_k, L̂ equals the
     step function L_i(u) = sum_k [u >= alpha_k] P_k^i that it smooths.
     """
     knots = iou_threshold_tensor((0.0, *iou_thresholds, 1.0), ious.dtype, ious.device)  # [K + 2]
-    cumulative = interp_precision.cumsum(dim=0)
-    heights = torch.cat([torch.zeros_like(cumulative[:1]), cumulative,
-                         cumulative[-1:] + interp_precision[-1:]])  # [K + 2, N]
+    cumulative = interp_precision.cumsum(dim=-2)
+    heights = torch.cat([torch.zeros_like(cumulative[..., :1, :]), cumulative,
+                         cumulative[..., -1:, :] + interp_precision[..., -1:, :]], dim=-2)  # [..., K + 2, N]
     # Clamp to [0, 1] while keeping the segment's slope as the derivative at 0 and 1 themselves
     # (Tensor.clamp would give 0 there).
     u = torch.where((ious >= 0) & (ious <= 1), ious, ious.detach().clamp(0, 1))
@@ -223,19 +232,29 @@ def localisation_function(ious, interp_precision, iou_thresholds=COCO_IOU_THRESH
     seg = torch.searchsorted(knots, u.detach().contiguous(), right=True).sub(1).clamp(0, len(knots) - 2)
     x0, x1 = knots[seg], knots[seg + 1]
     weight = ((u - x0) / (x1 - x0)).unsqueeze(-1)
-    h0 = heights[seg]
-    return h0 + weight * (heights[seg + 1] - h0)
+    h0, h1 = _rows(heights, seg), _rows(heights, seg + 1)
+    return h0 + weight * (h1 - h0)
+
+
+def _rows(table, index):
+    """table[..., index, :] for a stack of tables [..., R, N] and row indices whose shape
+    starts with the stack's leading dimensions; shape index.shape + (N,)."""
+    lead = table.shape[:-2]
+    flat = index.reshape(*lead, -1)
+    rows = table.gather(-2, flat.unsqueeze(-1).expand(*flat.shape, table.shape[-1]))
+    return rows.reshape(*index.shape, table.shape[-1])
 
 
 def localisation_sum(pos_scores, pos_ious, precision, *, sigma=0.05, iou_thresholds=COCO_IOU_THRESHOLDS):
     """The sum of Eq. 10 over positives b and bins i of F_i(s_b) * L̂_i(IoU_b), for a given
-    interpolated precision table [K, N]."""
+    interpolated precision table [K, N] (or per problem of a stack: [..., P] positives and
+    [..., K, N] tables give [...])."""
     thresholds = score_thresholds(precision.shape[-1], pos_scores.dtype, pos_scores.device)
     return _localisation_total(bin_mass(pos_scores, thresholds, sigma), pos_ious, precision, iou_thresholds)
 
 
 def _localisation_total(pos_masses, pos_ious, precision, iou_thresholds):
-    return (pos_masses * localisation_function(pos_ious, precision, iou_thresholds)).sum()
+    return (pos_masses * localisation_function(pos_ious, precision, iou_thresholds)).sum((-2, -1))
 
 
 def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, neg_weights=None, *, num_bins=32, sigma=0.05,
@@ -246,9 +265,10 @@ def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, neg_weights=None, 
     neg_scores: [M] scores of the negative detections; neg_weights: [M] 1 for a negative, 0 for
         an entry to ignore (fixed-size negatives need no host synchronisation to compact), or
         None when every entry is a negative.
+    A stack of L problems ([L, P] and [L, M] inputs) gives L values and tables at once.
     num_gt: G of Eq. 1; None counts the positives (through reduce_counts), 0 gives DAP = 0.
-    reduce_counts: callable applied to the counts, tp and fp stacked [2, K, N] (one call, so
-        one all-reduce), and, when num_gt is None, then to the ground-truth count (a 0-dim
+    reduce_counts: callable applied to the counts, tp and fp stacked [..., 2, K, N] (one call,
+        so one all-reduce), and, when num_gt is None, then to the ground-truth count (a 0-dim
         tensor), before precision is formed; the distributed criterion passes a differentiable
         all-reduce here. Each process then returns its own positives' share of the global DAP.
     Returns DAPTerms(dap, precision) in the dtype of pos_scores, attached to the graph.
@@ -259,11 +279,11 @@ def differentiable_ap_terms(pos_scores, pos_ious, neg_scores, neg_weights=None, 
     pos_tails = tail_mass(pos_scores, thresholds, sigma)
     tp, fp = soft_counts(pos_tails, pos_ious, weighted_tail_sum(neg_scores, neg_weights, num_bins, sigma),
                          iou_thresholds)
-    tp, fp = reduce(torch.stack([tp, fp])).unbind(0)
+    tp, fp = reduce(torch.stack([tp, fp], dim=-3)).unbind(-3)
     precision = interpolated_precision(precision_from_counts(tp, fp))
 
     if num_gt is None:
-        num_gt = reduce(torch.tensor(float(pos_scores.numel()), dtype=dtype, device=device))
+        num_gt = reduce(torch.tensor(float(pos_scores.shape[-1]), dtype=dtype, device=device))
     # Eq. 10: the sum averaged over the IoU thresholds and divided by G.
     total = _localisation_total(_mass_from_tails(pos_tails), pos_ious, precision, iou_thresholds)
     return DAPTerms(safe_divide(total, len(iou_thresholds) * num_gt), precision)

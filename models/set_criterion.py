@@ -34,7 +34,7 @@ from torch import nn
 from util import box_ops
 from util.misc import get_world_size, is_dist_avail_and_initialized
 
-from .dap_criterion import DAPLoss, merge_records
+from .dap_criterion import DAPLayer, DAPLoss, merge_records
 from .dap_matcher import DAPMatcher
 from .matcher import HungarianMatcher, matched_pairs
 
@@ -222,28 +222,33 @@ class BaseSetCriterion(nn.Module):
         """Score every layer. Returns (losses, DAP results per layer name). raw_losses=False
         computes DAP alone (the counting pass needs nothing else)."""
         totals = self.step_totals(step, outputs["pred_logits"].shape[1], outputs["pred_logits"].device)
-        losses, dap_results = {}, {}
+        losses, dap_layers = {}, []
         for layer in self.layers(outputs, targets):
             if not raw_losses and "dap" not in layer.losses:
                 continue
             indices = layer.indices if layer.indices is not None else step.counted_matching(layer.name)
             if indices is None:
                 indices = self.matcher(layer.outputs, layer.targets)
+            if "dap" in layer.losses:
+                dap_layers.append(DAPLayer(layer.name, layer.outputs, layer.targets, indices))
+            if not raw_losses:
+                continue
             layer_totals = {**totals, "num_boxes": totals["num_boxes"] * layer.box_groups}
             for name in layer.losses:
-                if name == "dap":
-                    result = self.dap(layer.outputs, layer.targets, indices, num_matched=totals["num_matched"],
-                                      shares=totals["shares"], others=step.other_micro_batches(layer.name))
-                    dap_results[layer.name] = result
-                    layer_losses = {"loss_dap": result.loss}
-                    if layer.name == FINAL_LAYER:
-                        layer_losses.update(dap_value=result.dap, dap_precision=result.precision.mean())
-                elif raw_losses:
+                if name != "dap":
                     kwargs = self.aux_layer_kwargs.get(name, {}) if layer.name != FINAL_LAYER else {}
                     layer_losses = self.get_loss(name, layer.outputs, layer.targets, indices, layer_totals, **kwargs)
-                else:
-                    continue
-                losses.update({k + layer.name: v for k, v in layer_losses.items()})
+                    losses.update({k + layer.name: v for k, v in layer_losses.items()})
+        # DAP once for all its layers: they are computed together (DAPLoss).
+        dap_results = {}
+        if dap_layers:
+            dap_results = self.dap(dap_layers, num_matched=totals["num_matched"], shares=totals["shares"],
+                                   others={layer.name: step.other_micro_batches(layer.name) for layer in dap_layers})
+            for name, result in dap_results.items():
+                losses["loss_dap" + name] = result.loss
+            if FINAL_LAYER in dap_results:
+                final = dap_results[FINAL_LAYER]
+                losses.update(dap_value=final.dap, dap_precision=final.precision.mean())
         return losses, dap_results
 
     def forward(self, outputs, targets, step=None):

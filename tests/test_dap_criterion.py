@@ -8,8 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from main import get_args_parser
-from models import build_model
-from models.dap_criterion import DAPLoss, gather_detections
+from models import build_model, dap_criterion
+from models.dap_criterion import DAPLayer, DAPLoss, gather_detections
 from models.dap_functional import (
     class_probabilities,
     differentiable_ap,
@@ -263,12 +263,51 @@ def test_dap_loss_reads_nothing_back_to_the_host(activation, num_logits, with_ot
         t.requires_grad_()
     dap = DAPLoss(activation=activation, num_bins=8, neg_topk=7)
     num_matched = torch.tensor(5.0)
-    others = dap(outputs, targets, indices, num_matched=num_matched, shares=2).record if with_others else None
+    layers = [DAPLayer("", outputs, targets, indices), DAPLayer("_0", outputs, targets, indices)]
+    others = None
+    if with_others:
+        others = {name: r.record for name, r in dap(layers, num_matched=num_matched, shares=2).items()}
     with HostReads() as reads:
-        result = dap(outputs, targets, indices, num_matched=num_matched, shares=2, others=others)
+        result = dap(layers, num_matched=num_matched, shares=2, others=others)[""]
         result.loss.backward()
     assert reads.seen == []
     # the counter sees them where they are
     with HostReads() as reads:
         float(result.dap), outputs["pred_logits"][outputs["pred_logits"] > 0]
     assert reads.seen == ["_local_scalar_dense", "index"]
+
+
+@pytest.mark.parametrize("activation,num_logits", [("softmax", 5), ("sigmoid", 4)])
+def test_dap_loss_of_several_layers_equals_each_layer_alone(activation, num_logits, monkeypatch):
+    # Layers of equal sizes are computed as one stack (one all-reduce), others apart: every
+    # layer's loss, table, record and gradients as when it is the only layer.
+    layers = []
+    for i, counts in enumerate([(3, 0, 2), (3, 0, 2), (1, 2, 1, 1), (3, 0, 2)]):
+        outputs, targets, indices = random_layer(i, target_counts=counts, num_logits=num_logits)
+        for t in outputs.values():
+            t.requires_grad_()
+        layers.append(DAPLayer(f"_{i}", outputs, targets, indices))
+    dap = DAPLoss(activation=activation, num_bins=8, neg_topk=7)
+    reducers = []
+    original = dap_criterion.CountReducer.__call__
+
+    def counting(self, counts):
+        reducers.append(counts.shape[0])
+        return original(self, counts)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dap_criterion.CountReducer, "__call__", counting)
+        together = dap(layers, num_matched=5.0, shares=2)
+    assert sorted(reducers) == [1, 3]  # one stack of the three equal layers, one alone
+    leaves = [t for layer in layers for t in layer.outputs.values()]
+    grads = torch.autograd.grad(sum((i + 1) * together[layer.name].loss for i, layer in enumerate(layers)), leaves)
+    for i, layer in enumerate(layers):
+        alone = dap([layer], num_matched=5.0, shares=2)[layer.name]
+        result = together[layer.name]
+        for got, want in [(result.loss, alone.loss), (result.dap, alone.dap), (result.precision, alone.precision),
+                          (result.record.counts, alone.record.counts),
+                          (result.record.pos_scores, alone.record.pos_scores)]:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+        mine = torch.autograd.grad((i + 1) * alone.loss, list(layer.outputs.values()))
+        for got, want in zip(grads[2 * i:2 * i + 2], mine):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

@@ -522,3 +522,48 @@ def test_weighted_out_negatives_count_for_nothing():
     torch.testing.assert_close(padded[0].grad, compact[0].grad, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(padded[1].grad[weights > 0], compact[1].grad, rtol=1e-10, atol=1e-14)
     assert bool((padded[1].grad[weights == 0] == 0).all()) and bool((compact[1].grad != 0).all())
+
+
+# ---------------------------------------------------------------- a stack of problems
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_stack_of_problems_equals_each_problem_alone(dtype, weighted):
+    # [L, P] and [L, M] inputs are L independent DAP problems: values, tables and gradients as
+    # each row computed on its own, and the counts hook sees [L, 2, K, N] in one call.
+    g = torch.Generator().manual_seed(3)
+    layers, p, m, n = 3, 5, 9, 8
+    pos = torch.rand(layers, p, generator=g, dtype=dtype).requires_grad_()
+    ious = (0.3 + 0.7 * torch.rand(layers, p, generator=g, dtype=dtype)).requires_grad_()
+    neg = torch.rand(layers, m, generator=g, dtype=dtype).requires_grad_()
+    weights = (torch.rand(layers, m, generator=g) > 0.3).to(dtype) if weighted else None
+    calls = []
+
+    def reduce(counts):
+        calls.append(counts.shape)
+        return counts
+
+    stacked = differentiable_ap_terms(pos, ious, neg, weights, num_bins=n, sigma=0.07, num_gt=6, reduce_counts=reduce)
+    assert calls == [torch.Size([layers, 2, len(COCO_IOU_THRESHOLDS), n])]
+    assert stacked.dap.shape == (layers,) and stacked.precision.shape == (layers, len(COCO_IOU_THRESHOLDS), n)
+    coefficients = torch.tensor([1.0, -2.0, 0.5], dtype=dtype)
+    grads = torch.autograd.grad((stacked.dap * coefficients).sum(), (pos, ious, neg))
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
+    for row in range(layers):
+        alone = differentiable_ap_terms(pos[row], ious[row], neg[row], None if weights is None else weights[row],
+                                        num_bins=n, sigma=0.07, num_gt=6)
+        torch.testing.assert_close(stacked.dap[row], alone.dap, **tol)
+        torch.testing.assert_close(stacked.precision[row], alone.precision, **tol)
+        row_grads = torch.autograd.grad(alone.dap * coefficients[row], (pos, ious, neg))
+        for got, want in zip(grads, row_grads):
+            torch.testing.assert_close(got[row], want[row], **tol)
+
+
+def test_localisation_function_of_a_stack_uses_each_rows_table():
+    g = torch.Generator().manual_seed(4)
+    tables = torch.rand(2, len(COCO_IOU_THRESHOLDS), 6, generator=g, dtype=torch.float64)
+    ious = torch.rand(2, 7, generator=g, dtype=torch.float64)
+    stacked = localisation_function(ious, tables)
+    assert stacked.shape == (2, 7, 6)
+    for row in range(2):
+        torch.testing.assert_close(stacked[row], localisation_function(ious[row], tables[row]), rtol=0, atol=0)
