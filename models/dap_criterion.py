@@ -4,6 +4,7 @@ negatives of one layer, their scores and IoUs, and how the soft counts are summe
 and over the micro-batches of an accumulated step. The mathematics is models.dap_functional;
 models.set_criterion.BaseSetCriterion calls DAPLoss on every layer that --loss gives a DAP term.
 """
+import math
 from typing import NamedTuple
 
 import torch
@@ -21,7 +22,7 @@ from .dap_functional import (
 from .matcher import matched_pairs
 
 
-def gather_detections(outputs, targets, indices, activation, neg_topk=100):
+def gather_detections(outputs, targets, indices, activation, neg_topk=100, log_odds=False):
     """Positive scores and IoUs and negative scores of one decoder layer (docs/DAP.md, "Positives
     and negatives").
 
@@ -30,35 +31,54 @@ def gather_detections(outputs, targets, indices, activation, neg_topk=100):
     Negatives, softmax: every unmatched query once, with its best foreground probability.
     Negatives, sigmoid: every (query, class) pair that is not a positive pair, restricted to
     the image's neg_topk highest scores (0 = all pairs).
+    A score is the class probability, or with log_odds its logit log(p / (1 - p)) (what the
+    ranking losses rank, docs/LOSSES.md): a sigmoid head's own logit, and for a softmax head the
+    class's logit minus the log-sum-exp of the others', exact where p rounds to 1.
     Returns (pos_scores [P], pos_ious [P], neg_scores [M], neg_weights [M]): the negatives are
     a fixed-size set, every query (softmax) or the top k pairs of every image (sigmoid), and
     neg_weights is 1 where the entry is a negative and 0 where it is a positive; compacting them
     would read their number back to the host.
     """
-    probs = class_probabilities(outputs["pred_logits"], activation)  # [B, Q, C]
+    logits = outputs["pred_logits"]
     pairs = matched_pairs(targets, indices)
     batch_idx, query_idx, labels = pairs.image, pairs.query, pairs.labels
 
-    pos_scores = probs[batch_idx, query_idx, labels]
     pred_boxes = outputs["pred_boxes"][batch_idx, query_idx].float()
     pos_ious = box_ops.paired_box_iou(box_ops.box_cxcywh_to_xyxy(pred_boxes),
                                       box_ops.box_cxcywh_to_xyxy(pairs.boxes.float()))
 
     if activation == "softmax":
-        neg_weights = torch.ones(probs.shape[:2], dtype=probs.dtype, device=probs.device)
+        neg_weights = torch.ones(logits.shape[:2], dtype=torch.float32, device=logits.device)
         neg_weights[batch_idx, query_idx] = 0.0
-        neg_scores = probs.max(-1).values
+        if log_odds:
+            logits = logits.float()
+            pos_scores = softmax_log_odds(logits[batch_idx, query_idx], labels)
+            neg_scores = softmax_log_odds(logits, logits[..., :-1].detach().argmax(-1))
+        else:
+            probs = class_probabilities(logits, activation)  # [B, Q, C]
+            pos_scores = probs[batch_idx, query_idx, labels]
+            neg_scores = probs.max(-1).values
     else:
+        scores = logits.float() if log_odds else class_probabilities(logits, activation)  # [B, Q, C]
+        pos_scores = scores[batch_idx, query_idx, labels]
         # Rank the pairs on detached scores with the positives pushed below every real score,
         # then weigh out what was not a negative (k may exceed the number of negatives).
-        ranking = probs.detach().clone()
-        ranking[batch_idx, query_idx, labels] = -1.0
+        ranking = scores.detach().clone()
+        ranking[batch_idx, query_idx, labels] = -math.inf
         ranking = ranking.flatten(1)
         k = ranking.shape[1] if neg_topk <= 0 else min(neg_topk, ranking.shape[1])
         top_values, top_idx = ranking.topk(k, dim=1)
-        neg_scores = probs.flatten(1).gather(1, top_idx)
-        neg_weights = (top_values >= 0).to(probs.dtype)
+        neg_scores = scores.flatten(1).gather(1, top_idx)
+        neg_weights = (top_values > -math.inf).float()
     return pos_scores, pos_ious, neg_scores.flatten(), neg_weights.flatten()
+
+
+def softmax_log_odds(logits, classes):
+    """log(p_c / (1 - p_c)) of softmax logits [..., C + 1] for one class per row, classes [...]:
+    x_c minus the log-sum-exp of the other logits, which is exact where p_c rounds to 1."""
+    chosen = logits.gather(-1, classes.unsqueeze(-1)).squeeze(-1)
+    others = logits.scatter(-1, classes.unsqueeze(-1), -math.inf).logsumexp(-1)
+    return chosen - others
 
 
 def differentiable_all_reduce(tensor):

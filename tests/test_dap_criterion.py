@@ -1,6 +1,7 @@
 """models/dap_criterion.py, the plumbing that feeds DAP from a detector (docs/DAP.md, section 5):
 the positives and negatives of a layer against a brute force, and DETR's criterion with DAPLoss."""
 import argparse
+import math
 
 import numpy as np
 import pytest
@@ -311,3 +312,23 @@ def test_dap_loss_of_several_layers_equals_each_layer_alone(activation, num_logi
         mine = torch.autograd.grad((i + 1) * alone.loss, list(layer.outputs.values()))
         for got, want in zip(grads[2 * i:2 * i + 2], mine):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("activation,num_logits,neg_topk", [("softmax", 5, 100), ("sigmoid", 4, 7), ("sigmoid", 4, 0)])
+def test_gather_detections_log_odds_are_the_logits_of_the_probabilities(activation, num_logits, neg_topk):
+    # The ranking losses rank log(p / (1 - p)) of the same detections DAP scores by p.
+    outputs, targets, indices = random_layer(5, num_logits=num_logits)
+    probs = gather_detections(outputs, targets, indices, activation, neg_topk)
+    odds = gather_detections(outputs, targets, indices, activation, neg_topk, log_odds=True)
+    for p, o in [(probs[0], odds[0]), (probs[2], odds[2])]:
+        torch.testing.assert_close(o, torch.logit(p.double()).to(o.dtype), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(odds[1], probs[1], rtol=0, atol=0)
+    torch.testing.assert_close(odds[3], probs[3], rtol=0, atol=0)
+
+
+def test_softmax_log_odds_are_finite_where_the_probability_rounds_to_one():
+    logits = torch.tensor([[40.0, 0.0, -3.0], [0.0, 1.0, 2.0]])
+    got = dap_criterion.softmax_log_odds(logits, torch.tensor([0, 2]))
+    want = [40.0 - math.log(1 + math.exp(-3.0)), 2.0 - math.log(math.exp(0.0) + math.exp(1.0))]
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=0)
+    assert torch.softmax(logits[0], 0)[0] == 1.0  # where the probability alone cannot tell
