@@ -166,8 +166,8 @@ class BaseSetCriterion(nn.Module):
         target_boxes = pairs.boxes
 
         loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
-        loss_giou = 1 - torch.diag(box_ops.generalized_box_iou(
-            box_ops.box_cxcywh_to_xyxy(src_boxes), box_ops.box_cxcywh_to_xyxy(target_boxes)))
+        loss_giou = 1 - box_ops.paired_generalized_box_iou(box_ops.box_cxcywh_to_xyxy(src_boxes),
+                                                           box_ops.box_cxcywh_to_xyxy(target_boxes))
         num_boxes = totals["num_boxes"]
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
 

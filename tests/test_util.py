@@ -118,6 +118,14 @@ def test_iou_and_giou_hand_values():
     # enclosing boxes: 3x3 = 9 and 5x2 = 10
     assert torch.allclose(giou, torch.tensor([[1 / 7 - 2 / 9, 0 - 5 / 10]]))
     assert torch.allclose(box_ops.paired_box_iou(a.expand(2, 4), b), iou[0])
+    assert torch.allclose(box_ops.paired_generalized_box_iou(a.expand(2, 4), b), giou[0])
+
+
+def test_paired_generalized_box_iou_is_the_diagonal_of_the_table():
+    g = torch.Generator().manual_seed(0)
+    boxes = box_ops.box_cxcywh_to_xyxy(torch.rand(2, 9, 4, generator=g, dtype=torch.float64) * 0.5 + 0.1)
+    torch.testing.assert_close(box_ops.paired_generalized_box_iou(boxes[0], boxes[1]),
+                               box_ops.generalized_box_iou(boxes[0], boxes[1]).diag(), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- checkpoints

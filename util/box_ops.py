@@ -43,8 +43,22 @@ def generalized_box_iou(boxes1, boxes2):
 def paired_box_iou(boxes1, boxes2):
     """IoU of corresponding xyxy boxes of two [..., 4] tensors that broadcast against each other
     ([N,4] and [N,4]: the diagonal of box_iou; [B,Q,1,4] and [B,1,T,4]: every pair per image)."""
+    return _paired_iou_and_union(boxes1, boxes2)[0]
+
+
+def _paired_iou_and_union(boxes1, boxes2):
     top_left = torch.max(boxes1[..., :2], boxes2[..., :2])
     bottom_right = torch.min(boxes1[..., 2:], boxes2[..., 2:])
     inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
     union = box_area(boxes1) + box_area(boxes2) - inter
-    return inter / union
+    return inter / union, union
+
+
+def paired_generalized_box_iou(boxes1, boxes2):
+    """Generalized IoU of corresponding xyxy boxes (as paired_box_iou): the diagonal of
+    generalized_box_iou without the N x N table."""
+    iou, union = _paired_iou_and_union(boxes1, boxes2)
+    top_left = torch.min(boxes1[..., :2], boxes2[..., :2])
+    bottom_right = torch.max(boxes1[..., 2:], boxes2[..., 2:])
+    enclosing = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
+    return iou - (enclosing - union) / enclosing
