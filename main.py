@@ -126,8 +126,12 @@ def get_args_parser():
     parser.add_argument("--giou_loss_coef", default=2, type=non_negative_float)
     parser.add_argument("--eos_coef", default=0.1, type=unit_interval, help="relative weight of the no-object class")
     # * DAP-loss (docs/DAP.md)
-    parser.add_argument("--loss", default="raw", choices=("raw", "dap", "raw+dap"),
-                        help="upstream losses, DAP-loss only, or both summed")
+    parser.add_argument("--loss", default="raw", choices=("raw", "dap", "raw+dap", "ap", "rs"),
+                        help="upstream losses, DAP-loss only, or both summed; or a ranking loss instead of the "
+                             "classification loss (docs/LOSSES.md): ap = AP-Loss beside the upstream box losses, "
+                             "rs = Rank & Sort Loss with its self-balanced GIoU loss. Every ranking loss ranks the "
+                             "log-odds of the same positives and negatives as DAP (--dap_neg_topk) over the step's "
+                             "whole batch")
     parser.add_argument("--matcher", default="hungarian", choices=("hungarian", "dap"),
                         help="upstream matching cost, or the AP cost of Eq. 11")
     parser.add_argument("--dap_cost_mode", default="constant", choices=("constant", "momentum"),
@@ -141,6 +145,12 @@ def get_args_parser():
                         help="negatives kept per image for sigmoid models; 0 = all")
     parser.add_argument("--dap_loss_coef", default=1.0, type=non_negative_float,
                         help="weight of loss_dap and its auxiliary copies")
+    # * the ranking losses (docs/LOSSES.md)
+    parser.add_argument("--rank_delta", default=None, type=positive_float,
+                        help="delta, the width of the smoothed step in log-odds; default: the loss's paper "
+                             "(AP-Loss 1.0, RS 0.5)")
+    parser.add_argument("--rank_loss_coef", default=1.0, type=non_negative_float,
+                        help="weight of the ranking loss's terms and their auxiliary copies")
 
     # Dataset parameters
     parser.add_argument("--dataset_file", default="coco", choices=("coco",), help="COCO-format data (upstream flag)")
@@ -207,9 +217,9 @@ def check_args(args):
     if not (args.set_cost_class or args.set_cost_bbox or args.set_cost_giou) and args.matcher == "hungarian":
         raise UserInputError("--set_cost_class, --set_cost_bbox and --set_cost_giou are all 0: the Hungarian "
                              "matcher has no cost; give one of them a weight")
-    if args.matcher == "dap" and args.dap_cost_mode == "momentum" and args.loss == "raw":
-        raise UserInputError("--dap_cost_mode momentum averages the precision of DAP-loss, which --loss raw does "
-                             "not compute: use --loss raw+dap, or --dap_cost_mode constant")
+    if args.matcher == "dap" and args.dap_cost_mode == "momentum" and args.loss not in ("dap", "raw+dap"):
+        raise UserInputError(f"--dap_cost_mode momentum averages the precision of DAP-loss, which --loss {args.loss} "
+                             f"does not compute: use --loss dap or raw+dap, or --dap_cost_mode constant")
     FAMILIES[args.model].check_args(args)
     args.eval_backend = resolve_eval_backend(args.eval_backend)
     if args.finetune and args.resume:

@@ -134,6 +134,16 @@ class DAPLayerResult(NamedTuple):
     precision: torch.Tensor  # [K, N] interpolated precision, detached (the momentum matcher's input)
     record: LayerRecord      # what an accumulated step's other micro-batches need of this one
 
+    @property
+    def losses(self):
+        """The layer's loss terms, keys without the layer's suffix."""
+        return {"loss_dap": self.loss}
+
+    @property
+    def logged(self):
+        """What is logged of the final layer beside its losses."""
+        return {"dap_value": self.dap, "dap_precision": self.precision.mean()}
+
 
 class DAPLoss:
     """loss_dap = -DAP (Eq. 9) of each layer, with the soft counts summed over every process so
@@ -145,8 +155,8 @@ class DAPLoss:
     processes, which then gives exactly the gradient of the global DAP; the logged average over
     processes is the global DAP, as the upstream losses do with their box count.
 
-    Under gradient accumulation `others` holds, per layer, the merged LayerRecord of the step's
-    other micro-batches (from the engine's counting pass): their counts are added to this one's,
+    Under gradient accumulation `others` holds, per layer, the LayerRecords of the step's other
+    micro-batches (from the engine's counting pass): their counts are added to this one's,
     so the precision and the DAP are those of the whole step, and their positives' terms of
     Eq. 10 enter through the precision, so that the summed gradients are those of one batch
     holding all the step's images.
@@ -157,6 +167,8 @@ class DAPLoss:
     of a few hundred small operations per layer.
     """
 
+    name = "dap"  # its name in a layer's losses
+
     def __init__(self, *, activation, num_bins=32, sigma=0.05, num_gt=256, neg_topk=100):
         self.activation = activation
         self.num_bins = num_bins
@@ -164,15 +176,16 @@ class DAPLoss:
         self.num_gt = num_gt if num_gt else None  # 0 means "count the ground truth"
         self.neg_topk = neg_topk
 
-    def __call__(self, layers, *, num_matched, shares, others=None):
-        """layers: DAPLayers; num_matched: matched pairs of the step per (process, micro-batch)
-        (G when --dap_num_gt is 0); shares: the number of (process, micro-batch) pairs;
-        others: {layer name: LayerRecord or None} (see the class), or None.
-        Returns {layer name: DAPLayerResult}."""
-        num_gt = self.num_gt if self.num_gt is not None else num_matched * shares
+    def __call__(self, layers, totals, others=None):
+        """layers: DAPLayers; totals: the step totals (set_criterion), of which num_matched,
+        matched pairs of the step per (process, micro-batch) (G when --dap_num_gt is 0), and
+        shares, the number of (process, micro-batch) pairs; others: {layer name: list of
+        LayerRecords or None} (see the class), or None. Returns {layer name: DAPLayerResult}."""
+        shares = totals["shares"]
+        num_gt = self.num_gt if self.num_gt is not None else totals["num_matched"] * shares
         gathered = {layer.name: gather_detections(layer.outputs, layer.targets, layer.indices, self.activation,
                                                   self.neg_topk) for layer in layers}
-        others = others or {}
+        others = {name: merge_records(records) for name, records in (others or {}).items() if records}
         groups = {}
         for layer in layers:
             pos_scores, _, neg_scores, _ = gathered[layer.name]

@@ -146,8 +146,8 @@ class SetCriterion(BaseSetCriterion):
     against class-agnostic targets: every ground truth is class 0, "an object".
     """
 
-    def __init__(self, num_classes, matcher, weight_dict, losses, focal_alpha=0.25, dap=None):
-        super().__init__(num_classes, matcher, weight_dict, losses, dap)
+    def __init__(self, num_classes, matcher, weight_dict, losses, focal_alpha=0.25, batch_loss=None):
+        super().__init__(num_classes, matcher, weight_dict, losses, batch_loss)
         self.focal_alpha = focal_alpha
 
     def loss_labels(self, outputs, targets, indices, totals, log=True):

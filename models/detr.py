@@ -57,8 +57,8 @@ class DETR(nn.Module):
 class SetCriterion(BaseSetCriterion):
     """DETR's loss: softmax cross-entropy with a down-weighted "no object" class, L1 and GIoU."""
 
-    def __init__(self, num_classes, matcher, weight_dict, eos_coef, losses, dap=None):
-        super().__init__(num_classes, matcher, weight_dict, losses, dap)
+    def __init__(self, num_classes, matcher, weight_dict, eos_coef, losses, batch_loss=None):
+        super().__init__(num_classes, matcher, weight_dict, losses, batch_loss)
         self.eos_coef = eos_coef
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef

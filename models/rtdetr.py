@@ -24,7 +24,14 @@ from .matcher import matched_pairs
 from .postprocess import TopKPostProcess
 from .presnet import build_presnet
 from .rtdetr_decoder import RTDETRDecoder
-from .set_criterion import BaseSetCriterion, Layer, build_criterion, loss_choice, sigmoid_focal_loss
+from .set_criterion import (
+    BaseSetCriterion,
+    Layer,
+    batch_loss_weights,
+    build_criterion,
+    loss_choice,
+    sigmoid_focal_loss,
+)
 
 # Training sizes of upstream's multi-scale schedule (times --input_scale), one drawn per batch.
 MULTI_SCALE_SIZES = (480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800)
@@ -81,8 +88,8 @@ class RTDETRCriterion(BaseSetCriterion):
     """
 
     def __init__(self, num_classes, matcher, weight_dict, losses, enc_losses, dn_losses, alpha=0.75, gamma=2.0,
-                 dap=None):
-        super().__init__(num_classes, matcher, weight_dict, losses, dap)
+                 batch_loss=None):
+        super().__init__(num_classes, matcher, weight_dict, losses, batch_loss)
         self.enc_losses = enc_losses
         self.dn_losses = dn_losses
         self.alpha = alpha
@@ -181,31 +188,31 @@ def param_groups(model, args):
 def loss_names(args):
     """(decoder losses, encoder losses, denoising losses) for --loss and the query selection.
 
-    The encoder's selected queries are trained like the decoder layers (DAP included), with
-    VFL (IoU-aware selection) or the focal loss as raw classification. The denoising queries
-    keep their raw losses under every --loss, dap included: they reconstruct noised ground
+    The encoder's selected queries are trained like the decoder layers (the batch-level loss
+    included), with VFL (IoU-aware selection) or the focal loss as raw classification. The
+    denoising queries keep their raw losses under every --loss: they reconstruct noised ground
     truth as a training aid and are never detections, so there is no AP of theirs to optimise.
     """
-    with_raw, with_dap = loss_choice(args)
-    dap = ["dap"] if with_dap else []
+    choice = loss_choice(args)
     enc_cls = "vfl" if args.iou_aware_query_selection else "focal"
-    return ((["vfl", "boxes"] if with_raw else []) + dap,
-            ([enc_cls, "boxes"] if with_raw else []) + dap,
+    rest = (["boxes"] if choice.boxes else []) + ([choice.batch_loss] if choice.batch_loss else [])
+    return ((["vfl"] if choice.classification else []) + rest,
+            ([enc_cls] if choice.classification else []) + rest,
             ["vfl", "boxes"])
 
 
 def weights_for(names, suffix, args):
     keys = {"vfl": {"loss_vfl": args.cls_loss_coef}, "focal": {"loss_focal": args.cls_loss_coef},
             "boxes": {"loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef},
-            "dap": {"loss_dap": args.dap_loss_coef}}
+            **{name: batch_loss_weights(args) for name in ("dap", "ap", "rs")}}
     return {k + suffix: w for name in names for k, w in keys[name].items()}
 
 
 def check_args(args):
-    if args.loss == "dap" and args.iou_aware_query_selection:
-        raise UserInputError("--loss dap with RT-DETR trains the encoder's query selection with DAP, not with "
-                             "the IoU-aware varifocal loss: add --no_iou_aware_query_selection (or use "
-                             "--loss raw+dap)")
+    if args.loss in ("dap", "ap", "rs") and args.iou_aware_query_selection:
+        raise UserInputError(f"--loss {args.loss} with RT-DETR trains the encoder's query selection with that loss, "
+                             f"not with the IoU-aware varifocal loss: add --no_iou_aware_query_selection (or use "
+                             f"--loss raw+dap)")
     if args.dilation or args.pre_norm:
         raise UserInputError("--dilation and --pre_norm are DETR options; RT-DETR's backbone and transformer "
                              "have neither: drop them")

@@ -34,9 +34,10 @@ from torch import nn
 from util import box_ops
 from util.misc import get_world_size, is_dist_avail_and_initialized
 
-from .dap_criterion import DAPLayer, DAPLoss, merge_records
+from .dap_criterion import DAPLayer, DAPLoss
 from .dap_matcher import DAPMatcher
 from .matcher import HungarianMatcher, matched_pairs
+from .rank_criterion import RankingLoss
 
 FINAL_LAYER = ""
 
@@ -80,12 +81,11 @@ class StepContext:
         return None if record is None else record.indices
 
     def other_micro_batches(self, layer):
-        """The merged LayerRecord of `layer` in every counted micro-batch but this one; None
-        without a counting pass or with one micro-batch."""
+        """The records of `layer` in every counted micro-batch but this one; None without a
+        counting pass."""
         if self.counted is None:
             return None
-        others = [records[layer] for i, records in enumerate(self.counted) if i != self.micro_batch]
-        return merge_records(others) if others else None
+        return [records[layer] for i, records in enumerate(self.counted) if i != self.micro_batch]
 
 
 class Layer(NamedTuple):
@@ -126,22 +126,25 @@ class BaseSetCriterion(nn.Module):
     # the final layer only.
     aux_layer_kwargs = {"labels": {"log": False}}
 
-    def __init__(self, num_classes, matcher, weight_dict, losses, dap=None):
-        """losses: names of the loss functions (loss_map), 'dap' for DAP-loss; dap: the DAPLoss
-        that 'dap' calls."""
+    def __init__(self, num_classes, matcher, weight_dict, losses, batch_loss=None):
+        """losses: names of the loss functions (loss_map), and the name of batch_loss where it
+        applies; batch_loss: the loss whose value depends on the whole step's batch, DAP-loss
+        (DAPLoss, 'dap') or a ranking loss (RankingLoss: 'ap', 'rs'), computed for all its
+        layers at once; None without one."""
         super().__init__()
-        if ("dap" in losses) != (dap is not None):
-            raise ValueError("the 'dap' loss and a DAPLoss come together")
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.losses = losses
-        self.dap = dap
+        self.batch_loss = batch_loss
 
     @property
     def needs_counting_pass(self):
         """Whether an accumulated step must be counted first (see the module docstring)."""
-        return self.dap is not None
+        return self.batch_loss is not None
+
+    def has_batch_loss(self, layer):
+        return self.batch_loss is not None and self.batch_loss.name in layer.losses
 
     # ------------------------------------------------------------------ losses
 
@@ -219,37 +222,39 @@ class BaseSetCriterion(nn.Module):
         return loss_map[loss](outputs, targets, indices, totals, **kwargs)
 
     def compute(self, outputs, targets, step, raw_losses=True):
-        """Score every layer. Returns (losses, DAP results per layer name). raw_losses=False
-        computes DAP alone (the counting pass needs nothing else)."""
+        """Score every layer. Returns (losses, batch-level loss results per layer name).
+        raw_losses=False computes the batch-level loss alone (the counting pass needs nothing
+        else)."""
         totals = self.step_totals(step, outputs["pred_logits"].shape[1], outputs["pred_logits"].device)
-        losses, dap_layers = {}, []
+        losses, batch_layers = {}, []
         for layer in self.layers(outputs, targets):
-            if not raw_losses and "dap" not in layer.losses:
+            with_batch_loss = self.has_batch_loss(layer)
+            if not raw_losses and not with_batch_loss:
                 continue
             indices = layer.indices if layer.indices is not None else step.counted_matching(layer.name)
             if indices is None:
                 indices = self.matcher(layer.outputs, layer.targets)
-            if "dap" in layer.losses:
-                dap_layers.append(DAPLayer(layer.name, layer.outputs, layer.targets, indices))
+            if with_batch_loss:
+                batch_layers.append(DAPLayer(layer.name, layer.outputs, layer.targets, indices))
             if not raw_losses:
                 continue
             layer_totals = {**totals, "num_boxes": totals["num_boxes"] * layer.box_groups}
             for name in layer.losses:
-                if name != "dap":
-                    kwargs = self.aux_layer_kwargs.get(name, {}) if layer.name != FINAL_LAYER else {}
-                    layer_losses = self.get_loss(name, layer.outputs, layer.targets, indices, layer_totals, **kwargs)
-                    losses.update({k + layer.name: v for k, v in layer_losses.items()})
-        # DAP once for all its layers: they are computed together (DAPLoss).
-        dap_results = {}
-        if dap_layers:
-            dap_results = self.dap(dap_layers, num_matched=totals["num_matched"], shares=totals["shares"],
-                                   others={layer.name: step.other_micro_batches(layer.name) for layer in dap_layers})
-            for name, result in dap_results.items():
-                losses["loss_dap" + name] = result.loss
-            if FINAL_LAYER in dap_results:
-                final = dap_results[FINAL_LAYER]
-                losses.update(dap_value=final.dap, dap_precision=final.precision.mean())
-        return losses, dap_results
+                if with_batch_loss and name == self.batch_loss.name:
+                    continue
+                kwargs = self.aux_layer_kwargs.get(name, {}) if layer.name != FINAL_LAYER else {}
+                layer_losses = self.get_loss(name, layer.outputs, layer.targets, indices, layer_totals, **kwargs)
+                losses.update({k + layer.name: v for k, v in layer_losses.items()})
+        # The batch-level loss once for all its layers: they are computed together.
+        results = {}
+        if batch_layers:
+            results = self.batch_loss(batch_layers, totals,
+                                      {layer.name: step.other_micro_batches(layer.name) for layer in batch_layers})
+            for name, result in results.items():
+                losses.update({k + name: v for k, v in result.losses.items()})
+            if FINAL_LAYER in results:
+                losses.update(results[FINAL_LAYER].logged)
+        return losses, results
 
     def forward(self, outputs, targets, step=None):
         """outputs: the model's output dict; targets: list of dicts with 'labels' [T_i] and
@@ -258,23 +263,27 @@ class BaseSetCriterion(nn.Module):
         return self.score(outputs, targets, step)[0]
 
     def score(self, outputs, targets, step=None):
-        """forward's losses, and what count() returns for this micro-batch (its DAP layers'
-        records), here from the gradient pass itself."""
+        """forward's losses, and what count() returns for this micro-batch (its batch-level loss
+        layers' records), here from the gradient pass itself."""
         step = step or StepContext.single(targets)
-        losses, dap_results = self.compute(outputs, targets, step)
+        losses, results = self.compute(outputs, targets, step)
         # The momentum matcher's table moves once per step, after every layer of every
-        # micro-batch was matched: all layers see the table of the earlier steps.
+        # micro-batch was matched: all layers see the table of the earlier steps. DAP's final
+        # layer gives it (the ranking losses have no table).
         update = getattr(self.matcher, "update_precision", None)
-        if self.training and update is not None and FINAL_LAYER in dap_results and step.is_last:
-            update(dap_results[FINAL_LAYER].precision)
-        return losses, {name: result.record for name, result in dap_results.items()}
+        final = results.get(FINAL_LAYER)
+        if self.training and update is not None and final is not None and final.precision is not None \
+                and step.is_last:
+            update(final.precision)
+        return losses, {name: result.record for name, result in results.items()}
 
     @torch.no_grad()
     def count(self, outputs, targets, step):
-        """The counting pass of one micro-batch: {layer name: LayerRecord} of every DAP layer
-        (its counts summed over processes, this process's positives). Changes no state."""
-        _, dap_results = self.compute(outputs, targets, step, raw_losses=False)
-        return {name: result.record for name, result in dap_results.items()}
+        """The counting pass of one micro-batch: {layer name: record} of every layer with the
+        batch-level loss (DAP: its counts summed over processes and this process's positives;
+        a ranking loss: every process's detections). Changes no state."""
+        _, results = self.compute(outputs, targets, step, raw_losses=False)
+        return {name: result.record for name, result in results.items()}
 
 
 # ---------------------------------------------------------------------- building
@@ -287,20 +296,38 @@ def with_aux_weights(weight_dict, layer_suffixes):
     return out
 
 
+class LossChoice(NamedTuple):
+    """What --loss trains with."""
+    classification: bool  # the upstream classification loss
+    boxes: bool           # the upstream box losses (L1, GIoU)
+    batch_loss: str | None  # 'dap', 'ap', 'rs', or None
+
+
 def loss_choice(args):
-    """(upstream losses, DAP-loss): what --loss trains with."""
-    return args.loss in ("raw", "raw+dap"), args.loss in ("dap", "raw+dap")
+    """--loss: raw, dap and raw+dap (docs/DAP.md); ap (AP-Loss beside the upstream box losses)
+    and rs (RS Loss with its GIoU term) replace the classification loss (docs/LOSSES.md)."""
+    raw = args.loss in ("raw", "raw+dap")
+    batch_loss = {"dap": "dap", "raw+dap": "dap", "ap": "ap", "rs": "rs"}.get(args.loss)
+    return LossChoice(raw, raw or args.loss == "ap", batch_loss)
+
+
+def batch_loss_weights(args):
+    """The weights of the batch-level loss's terms, keys without a layer suffix."""
+    return {"dap": {"loss_dap": args.dap_loss_coef}, "ap": {"loss_ap": args.rank_loss_coef},
+            "rs": {"loss_rs": args.rank_loss_coef, "loss_rs_giou": args.rank_loss_coef},
+            None: {}}[loss_choice(args).batch_loss]
 
 
 def set_losses(args):
     """DETR's and Deformable DETR's criteria under --loss: (loss names, final-layer weights).
-    'labels' (classification) and 'boxes' (L1, GIoU) are the upstream losses, 'dap' DAP-loss;
-    'cardinality' is logged under every --loss."""
-    with_raw, with_dap = loss_choice(args)
-    names = (["labels", "boxes"] if with_raw else []) + (["dap"] if with_dap else []) + ["cardinality"]
-    weights = {**({"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
-                  if with_raw else {}),
-               **({"loss_dap": args.dap_loss_coef} if with_dap else {})}
+    'labels' (classification) and 'boxes' (L1, GIoU) are the upstream losses, then the
+    batch-level loss ('dap', 'ap' or 'rs'); 'cardinality' is logged under every --loss."""
+    choice = loss_choice(args)
+    names = ((["labels"] if choice.classification else []) + (["boxes"] if choice.boxes else [])
+             + ([choice.batch_loss] if choice.batch_loss else []) + ["cardinality"])
+    weights = {**({"loss_ce": args.cls_loss_coef} if choice.classification else {}),
+               **({"loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef} if choice.boxes else {}),
+               **batch_loss_weights(args)}
     return names, weights
 
 
@@ -315,13 +342,19 @@ def build_matcher(args, activation):
 
 
 def build_criterion(args, criterion_cls, *, activation, **criterion_kwargs):
-    """The criterion of any family, with the matcher of --matcher and, when --loss has it, DAP.
+    """The criterion of any family, with the matcher of --matcher and the batch-level loss of
+    --loss, if any (DAP-loss or a ranking loss).
 
-    criterion_cls(matcher=..., dap=..., **criterion_kwargs): the family's criterion; its
-    `losses` name 'dap' exactly when loss_choice(args) says so.
+    criterion_cls(matcher=..., batch_loss=..., **criterion_kwargs): the family's criterion; its
+    `losses` name the batch-level loss where it applies.
     """
-    _, with_dap = loss_choice(args)
-    dap = (DAPLoss(activation=activation, num_bins=args.dap_bins, sigma=args.dap_sigma, num_gt=args.dap_num_gt,
-                   neg_topk=args.dap_neg_topk) if with_dap else None)
-    criterion = criterion_cls(matcher=build_matcher(args, activation), dap=dap, **criterion_kwargs)
+    name = loss_choice(args).batch_loss
+    if name == "dap":
+        batch_loss = DAPLoss(activation=activation, num_bins=args.dap_bins, sigma=args.dap_sigma,
+                             num_gt=args.dap_num_gt, neg_topk=args.dap_neg_topk)
+    elif name is not None:
+        batch_loss = RankingLoss(name, activation=activation, neg_topk=args.dap_neg_topk, delta=args.rank_delta)
+    else:
+        batch_loss = None
+    criterion = criterion_cls(matcher=build_matcher(args, activation), batch_loss=batch_loss, **criterion_kwargs)
     return criterion.to(torch.device(args.device))

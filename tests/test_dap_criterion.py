@@ -195,7 +195,7 @@ def layer_items(outputs):
 def test_dap_set_criterion(loss, num_gt):
     criterion = build_criterion("--loss", loss, "--dap_num_gt", str(num_gt), "--dap_bins", "16",
                                 "--dap_sigma", "0.1", "--dap_loss_coef", "2.5")
-    assert isinstance(criterion.dap, DAPLoss)
+    assert isinstance(criterion.batch_loss, DAPLoss)
     outputs, targets = three_layers(10)
     losses = criterion(outputs, targets)
 
@@ -265,11 +265,12 @@ def test_dap_loss_reads_nothing_back_to_the_host(activation, num_logits, with_ot
     dap = DAPLoss(activation=activation, num_bins=8, neg_topk=7)
     num_matched = torch.tensor(5.0)
     layers = [DAPLayer("", outputs, targets, indices), DAPLayer("_0", outputs, targets, indices)]
+    totals = {"num_matched": num_matched, "shares": 2}
     others = None
     if with_others:
-        others = {name: r.record for name, r in dap(layers, num_matched=num_matched, shares=2).items()}
+        others = {name: [r.record] for name, r in dap(layers, totals).items()}
     with HostReads() as reads:
-        result = dap(layers, num_matched=num_matched, shares=2, others=others)[""]
+        result = dap(layers, totals, others)[""]
         result.loss.backward()
     assert reads.seen == []
     # the counter sees them where they are
@@ -298,12 +299,12 @@ def test_dap_loss_of_several_layers_equals_each_layer_alone(activation, num_logi
 
     with monkeypatch.context() as patch:
         patch.setattr(dap_criterion.CountReducer, "__call__", counting)
-        together = dap(layers, num_matched=5.0, shares=2)
+        together = dap(layers, {"num_matched": 5.0, "shares": 2})
     assert sorted(reducers) == [1, 3]  # one stack of the three equal layers, one alone
     leaves = [t for layer in layers for t in layer.outputs.values()]
     grads = torch.autograd.grad(sum((i + 1) * together[layer.name].loss for i, layer in enumerate(layers)), leaves)
     for i, layer in enumerate(layers):
-        alone = dap([layer], num_matched=5.0, shares=2)[layer.name]
+        alone = dap([layer], {"num_matched": 5.0, "shares": 2})[layer.name]
         result = together[layer.name]
         for got, want in [(result.loss, alone.loss), (result.dap, alone.dap), (result.precision, alone.precision),
                           (result.record.counts, alone.record.counts),

@@ -1,7 +1,7 @@
-"""Global-batch DAP (docs/DAP.md, section 5) under data parallelism and gradient accumulation: 2 gloo
-processes with 4 images each, 1 process with 2 accumulated micro-batches of 4, or 2 x 2 x 2 give
-the same losses as one process with the same 8 images, and gradients that, after DDP's average
-over processes, are those of the single batch."""
+"""Global-batch DAP (docs/DAP.md, section 5) and ranking losses (docs/LOSSES.md) under data
+parallelism and gradient accumulation: 2 gloo processes with 4 images each, 1 process with 2
+accumulated micro-batches of 4, or 2 x 2 x 2 give the same losses as one process with the same 8
+images, and gradients that, after DDP's average over processes, are those of the single batch."""
 import argparse
 import os
 import tempfile
@@ -130,6 +130,11 @@ def run_two_processes(flags, micro_batches=1):
     # sigmoid head: the logits' 7 columns are 7 classes; negatives are each image's top-k pairs
     ["--model", "deformable_detr", "--hidden_dim", "32", "--num_classes", "7", "--loss", "raw+dap",
      "--matcher", "dap", "--dap_cost_mode", "momentum", "--dap_neg_topk", "20"],
+    # the ranking losses (docs/LOSSES.md): ranks over the step's whole batch
+    ["--loss", "ap"],
+    ["--loss", "rs", "--matcher", "dap"],
+    ["--model", "deformable_detr", "--hidden_dim", "32", "--num_classes", "7", "--loss", "ap", "--dap_neg_topk", "20"],
+    ["--model", "deformable_detr", "--hidden_dim", "32", "--num_classes", "7", "--loss", "rs", "--dap_neg_topk", "20"],
 ])
 def test_processes_and_accumulation_equal_one_batch(flags, processes, micro_batches):
     """8 images as 2 processes x 4, 1 process x 2 accumulated micro-batches of 4, or 2 x 2 x 2:
@@ -145,7 +150,8 @@ def test_processes_and_accumulation_equal_one_batch(flags, processes, micro_batc
     else:
         results = run_two_processes(flags, micro_batches)
 
-    assert single_losses["loss_dap"] < 0
+    batch_loss = single.batch_loss.name
+    assert single_losses[f"loss_{batch_loss}"] < 0 if batch_loss == "dap" else single_losses[f"loss_{batch_loss}"] > 0
     for key, value in single_losses.items():
         # What the engine logs: the average of the per-process values.
         averaged = sum(results[r][0][key] for r in results) / processes

@@ -441,7 +441,7 @@ def test_dap_on_every_layer_and_the_encoder_proposals():
     model, criterion, _ = tiny("two_stage", "--loss", "dap", "--matcher", "dap", "--dap_neg_topk", "7",
                                "--dap_loss_coef", "3")
     model.eval()  # no dropout: the targets below are copies of the predictions
-    assert criterion.dap.activation == "sigmoid" and criterion.dap.neg_topk == 7
+    assert criterion.batch_loss.activation == "sigmoid" and criterion.batch_loss.neg_topk == 7
     assert criterion.matcher.activation == "sigmoid"
     assert criterion.weight_dict == {"loss_dap": 3, "loss_dap_0": 3, "loss_dap_enc": 3}
     images = [torch.randn(3, 96, 96), torch.randn(3, 64, 96)]

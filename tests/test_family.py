@@ -21,7 +21,7 @@ CONFIGURATIONS = {
 }
 CASES = [(model, variant, aux, loss)
          for model, (_, variants) in CONFIGURATIONS.items()
-         for variant, aux, loss in itertools.product(variants, [[], ["--no_aux_loss"]], ["raw", "dap"])]
+         for variant, aux, loss in itertools.product(variants, [[], ["--no_aux_loss"]], ["raw", "dap", "ap", "rs"])]
 
 
 def free_port():
@@ -46,8 +46,8 @@ def parameters_without_gradient(args):
 @pytest.mark.parametrize("model, variant, aux, loss", CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_find_unused_parameters_is_true_exactly_when_some_parameter_gets_no_gradient(model, variant, aux, loss):
     flags, _ = CONFIGURATIONS[model]
-    if model == "rtdetr":  # COCO's categories; DAP alone trains the query selection too
-        extra = ["--no_iou_aware_query_selection"] if loss == "dap" else []
+    if model == "rtdetr":  # COCO's categories; DAP or a ranking loss trains the query selection too
+        extra = ["--no_iou_aware_query_selection"] if loss in ("dap", "ap", "rs") else []
     else:
         extra = ["--num_classes", "5"]
     args = parse(flags + extra + ["--loss", loss, *variant, *aux])

@@ -1,0 +1,171 @@
+"""
+The ranking losses of docs/LOSSES.md (AP-Loss, aLRP Loss, Rank & Sort Loss) on a detector's
+outputs: the same positives and negatives as DAP-loss (models.dap_criterion.gather_detections),
+scored by their log-odds, and ranked over the whole step's batch, across processes and
+micro-batches. The mathematics is models.rank_losses; models.set_criterion calls RankingLoss on
+every layer whose losses name it, as it calls DAPLoss.
+
+A positive's rank depends on every detection of the step, and a detection's update on every
+positive ranked below it. So every (process, micro-batch) evaluates the loss of the whole
+step: its own detections with their gradients, everyone else's detached (the other processes'
+current micro-batch, exchanged here; the step's other micro-batches, from the engine's counting
+pass). Its result is the step's loss, and its gradient is exact for its own detections.
+"""
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from util import box_ops
+from util.misc import get_world_size, is_dist_avail_and_initialized
+
+from .dap_criterion import gather_detections
+from .matcher import matched_pairs
+from .rank_losses import ap_loss, rank_sort_loss_terms
+
+RANKING_LOSSES = ("ap", "rs")
+
+
+class RankRecord(NamedTuple):
+    """Detached detections of one layer: of one micro-batch on every process (what the step's
+    other micro-batches need), or of several merged."""
+    pos_scores: torch.Tensor   # [P] log-odds
+    pos_ious: torch.Tensor     # [P]
+    pos_giou_loss: torch.Tensor  # [P] 1 - GIoU (RS Loss's box loss)
+    neg_scores: torch.Tensor   # [M] log-odds
+    neg_weights: torch.Tensor  # [M] 1 for a negative, 0 for an entry to ignore
+    indices: list | None = None  # this process's matching, reused by the micro-batch's gradient pass
+
+
+FIELDS = 5  # the tensors of a RankRecord
+
+
+def merge_rank_records(records):
+    """One RankRecord for several micro-batches: every detection of each."""
+    return RankRecord(*(torch.cat(parts) for parts in zip(*(r[:FIELDS] for r in records))))
+
+
+def gather_ranked(layer, activation, neg_topk):
+    """The detections of a layer as the ranking losses see them: gather_detections' positives
+    and negatives in log-odds, and each positive's GIoU loss. The tensors of a RankRecord,
+    attached to the graph."""
+    pos_scores, pos_ious, neg_scores, neg_weights = gather_detections(
+        layer.outputs, layer.targets, layer.indices, activation, neg_topk, log_odds=True)
+    pairs = matched_pairs(layer.targets, layer.indices)
+    giou = box_ops.paired_generalized_box_iou(
+        box_ops.box_cxcywh_to_xyxy(layer.outputs["pred_boxes"][pairs.index].float()),
+        box_ops.box_cxcywh_to_xyxy(pairs.boxes.float()))
+    return pos_scores, pos_ious, 1 - giou, neg_scores, neg_weights
+
+
+class RankLayerResult(NamedTuple):
+    losses: dict         # this layer's loss terms, keys without the layer's suffix
+    record: RankRecord   # every process's detections of this micro-batch, detached
+    precision: None = None  # DAP's table; the ranking losses have none
+    logged: dict = {}    # nothing is logged beside the losses
+
+
+# ---------------------------------------------------------------------- exchange between processes
+
+_host_group = None
+
+
+def _host_process_group():
+    """A gloo group for host integers (the sizes below): exchanging them over NCCL would copy
+    them to the GPU and back, a wait on the GPU. Made once, by every process alike."""
+    global _host_group
+    if _host_group is None:
+        _host_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _host_group
+
+
+def exchange(records):
+    """Every process's records: for each process, the list of its records (one per layer, in
+    the same order on every process); this process's own are returned as given. Two
+    collectives: the sizes (host integers, gloo) and every tensor, padded to the longest, in
+    one all-gather. Nothing is read back from the device."""
+    world, rank = get_world_size(), dist.get_rank()
+    sizes = torch.tensor([[len(r.pos_scores), len(r.neg_scores)] for r in records], dtype=torch.int64)
+    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes, group=_host_process_group())
+    lengths = [int((3 * s[:, 0] + 2 * s[:, 1]).sum()) for s in all_sizes]
+    flat = torch.cat([t.float() for r in records for t in r[:FIELDS]])
+    padded = flat.new_zeros(max(lengths))
+    padded[:len(flat)] = flat
+    gathered = padded.new_empty(world * len(padded))  # flat: gloo accepts no [world, n] output
+    dist.all_gather_into_tensor(gathered, padded)
+    gathered = gathered.view(world, -1)
+    result = []
+    for other in range(world):
+        if other == rank:
+            result.append(list(records))
+            continue
+        parts, offset = [], 0
+        for p, m in all_sizes[other].tolist():
+            parts.append(RankRecord(*gathered[other, offset:offset + 3 * p + 2 * m].split([p, p, p, m, m])))
+            offset += 3 * p + 2 * m
+        result.append(parts)
+    return result
+
+
+def scaled_gradient(value, shares):
+    """value, whose gradient is multiplied by `shares`. Each of the step's `shares` (process,
+    micro-batch) pairs evaluates the whole step's loss but back-propagates into its own
+    detections only; the engine divides each micro-batch's loss by the number of micro-batches
+    and DDP averages over processes, so each pair's gradient must count `shares` times to give
+    the gradient of the step's loss."""
+    return value * shares - value.detach() * (shares - 1)
+
+
+class RankingLoss:
+    """One of the ranking losses (`name`: 'ap' or 'rs'; docs/LOSSES.md) on every layer that has
+    it, over the step's whole batch (see the module docstring).
+
+    ap: loss_ap = AP-Loss (the upstream box losses are trained beside it).
+    rs: loss_rs = RS Loss, and loss_rs_giou = lambda * the mean GIoU loss of the step's
+        positives, with lambda = loss_rs / that GIoU loss held constant (the RS paper's
+        self-balancing: the two terms are equal in value).
+    """
+
+    def __init__(self, name, *, activation, neg_topk=100, delta=None):
+        if name not in RANKING_LOSSES:
+            raise ValueError(f"unknown ranking loss {name!r}; expected one of {RANKING_LOSSES}")
+        self.name = name
+        self.activation = activation
+        self.neg_topk = neg_topk
+        self.delta = delta
+
+    def __call__(self, layers, totals, others=None):
+        """layers: DAPLayers (name, outputs, targets, indices); totals: the step totals
+        (set_criterion), of which shares, the number of (process, micro-batch) pairs of the step;
+        others: {layer name: RankRecords of the step's other micro-batches, or None}.
+        Returns {layer name: RankLayerResult}."""
+        shares = totals["shares"]
+        own = [gather_ranked(layer, self.activation, self.neg_topk) for layer in layers]
+        detached = [RankRecord(*(t.detach() for t in parts)) for parts in own]
+        distributed = is_dist_avail_and_initialized()
+        everyone = exchange(detached) if distributed else [detached]
+        rank = dist.get_rank() if distributed else 0
+        others = others or {}
+        results = {}
+        for i, layer in enumerate(layers):
+            rest = [records[i] for r, records in enumerate(everyone) if r != rank] + list(others.get(layer.name) or [])
+            step = RankRecord(*(torch.cat([mine, *(r[k] for r in rest)]) for k, mine in enumerate(own[i])))
+            record = merge_rank_records([records[i] for records in everyone])._replace(indices=layer.indices)
+            results[layer.name] = RankLayerResult(self._losses(step, len(own[i][0]), shares), record)
+        return results
+
+    def _losses(self, step, num_own, shares):
+        """The layer's terms from the step's detections, this process's `num_own` positives first."""
+        kwargs = {} if self.delta is None else {"delta": self.delta}
+        if self.name == "ap":
+            return {"loss_ap": scaled_gradient(ap_loss(step.pos_scores, step.neg_scores, step.neg_weights, **kwargs),
+                                               shares)}
+        terms = rank_sort_loss_terms(step.pos_scores, step.pos_ious, step.neg_scores, step.neg_weights, **kwargs)
+        value = terms.ranking + terms.sorting
+        # The GIoU loss averaged over the step's positives, as this process's share (its own
+        # positives' terms), weighted to be as large as RS Loss (lambda, a constant).
+        mean_giou_loss = step.pos_giou_loss.detach().mean()
+        weight = torch.where(mean_giou_loss > 0, value.detach() / mean_giou_loss.clamp(min=1e-12), 0.0)
+        box_share = step.pos_giou_loss[:num_own].sum() / max(len(step.pos_giou_loss), 1)
+        return {"loss_rs": scaled_gradient(value, shares), "loss_rs_giou": weight * box_share * shares}
