@@ -1,4 +1,4 @@
-"""Cost of the criterion + matcher, raw vs DAP, at the paper's batch scale (forward + backward).
+"""Cost of the criterion + matcher, raw vs DAP and the ranking losses, at the paper's batch scale (forward + backward).
 
     python -m benchmarks.criterion --device cuda            # DETR and Deformable DETR scales
     python -m benchmarks.criterion --device cpu --repeats 3
@@ -27,6 +27,9 @@ SETTINGS = {
     "dap (dap matcher)": ["--loss", "dap", "--matcher", "dap"],
     "dap (hungarian)": ["--loss", "dap", "--matcher", "hungarian"],
     "raw+dap": ["--loss", "raw+dap", "--matcher", "hungarian"],
+    # the ranking losses (docs/LOSSES.md), with the upstream matcher
+    "ap-loss (hungarian)": ["--loss", "ap", "--matcher", "hungarian"],
+    "rs-loss (hungarian)": ["--loss", "rs", "--matcher", "hungarian"],
 }
 
 
