@@ -325,7 +325,8 @@ def setup(args):
     set_batch_size(args)
     print(utils.get_sha())
     print(args)
-    # A different seed per rank, so the data augmentations differ across processes.
+    # A different seed per rank, so the processes draw different dropout masks (DDP copies rank 0's
+    # initial weights to every process; the augmentations follow the images: datasets/sampling.py).
     utils.seed_everything(args.seed, utils.get_rank())
     return torch.device(args.device)
 
@@ -381,8 +382,7 @@ def train(args, run, sampler_train, data_loader_train, data_loader_val, base_ds,
     log_stats = {}
     for epoch in range(args.start_epoch, args.epochs):
         utils.seed_everything(args.seed, utils.get_rank(), epoch)
-        if args.distributed:
-            sampler_train.set_epoch(epoch)
+        sampler_train.set_epoch(epoch)
         iteration_log = (output_dir / "iterations.jsonl"
                          if args.log_iterations and output_dir and utils.is_main_process() else None)
         try:

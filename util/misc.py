@@ -291,12 +291,17 @@ def accuracy(output, target, topk=(1,)):
     return [correct[:k].reshape(-1).float().sum() * (100.0 / target.size(0)) for k in topk]
 
 
+def seed_of(*keys):
+    """One 32-bit seed from a tuple of ints (e.g. seed, rank, epoch), well mixed."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
 def seed_everything(*keys):
     """Seed torch, numpy and random from a tuple of ints (e.g. seed, rank, epoch).
 
     Seeding at the start of every epoch from (seed, rank, epoch) makes a run resumed from an
     epoch checkpoint draw exactly the random numbers of an uninterrupted one."""
-    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+    seed = seed_of(*keys)
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
