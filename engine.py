@@ -8,8 +8,13 @@ import torch
 import util.misc as utils
 from datasets.coco_eval import CocoEvaluator
 from models.set_criterion import StepContext
-from util import interrupts
+from util import interrupts, preemption
 from util.errors import TrainingDiverged
+
+# The step's last reduction of logged values also carries each process's SIGUSR2 request
+# (averaged over the processes: above 0 when any got it). Every process reads the same number,
+# so all stop after the same step, without a collective operation of their own.
+STOP_REQUESTED = "stop_requested"
 
 
 def weighted_loss(loss_dict, weight_dict):
@@ -91,26 +96,36 @@ class AccumulationSteps:
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0, print_freq=10,
-                    accum_iter=1, ema=None, iteration_log=None, amp=None):
+                    accum_iter=1, ema=None, iteration_log=None, amp=None, stopped=None):
     """One epoch; each optimisation step accumulates the gradients of accum_iter batches.
     The criterion normalises every micro-batch by the totals of the whole step, so the step's
     gradient is that of one batch holding all its images (see models/set_criterion.py).
 
     ema: a ModelEMA updated after every optimisation step. iteration_log: a path; one JSON
     line per optimisation step is appended to it (epoch, step, lr and the logged values,
-    averaged over the step's micro-batches). amp: a MixedPrecision (default: disabled)."""
+    averaged over the step's micro-batches). amp: a MixedPrecision (default: disabled).
+
+    Returns (the epoch's averaged statistics, None); or, when the processes agreed to stop on
+    SIGUSR2 (util/preemption.py), (None, where the epoch stopped: {'steps_done', 'meters'}).
+    stopped: that record, from a mid-epoch checkpoint: the epoch goes on from it (the loader
+    leaves out the batches of its steps done: TrainingBatches.set_epoch)."""
     amp = amp or MixedPrecision(device, enabled=False)
     model.train()
     criterion.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    first_step = 0
+    if stopped is not None:
+        metric_logger.load_state_dict(stopped["meters"])
+        first_step = stopped["steps_done"]
     header = f"Epoch: [{epoch}]"
 
     with open(iteration_log, "a") if iteration_log else contextlib.nullcontext() as log_file:
         steps = metric_logger.log_every(AccumulationSteps(data_loader, accum_iter), print_freq, header)
-        for step_index, step in enumerate(steps):
+        for step_index, step in enumerate(steps, start=first_step):
             try:
-                step_values = train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp)
+                step_values, stop = train_step(model, criterion, step, optimizer, device, max_norm, metric_logger,
+                                               amp)
             except TrainingDiverged as err:
                 raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step_index}: {err}") from None
             utils.heartbeat(f"epoch {epoch}, step {step_index}")
@@ -121,10 +136,12 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
                 averaged = {k: sum(v[k] for v in step_values) / len(step_values) for k in step_values[0]}
                 log_file.write(json.dumps({"epoch": epoch, "step": step_index,
                                            "lr": optimizer.param_groups[0]["lr"], **averaged}) + "\n")
+            if stop:
+                return None, {"steps_done": step_index + 1, "meters": metric_logger.state_dict()}
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, None
 
 
 def counting_pass(model, criterion, step_samples, step_targets, amp):
@@ -150,8 +167,9 @@ def counting_pass(model, criterion, step_samples, step_targets, amp):
 
 def train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp):
     """One optimisation step over its micro-batches, the (samples, targets) pairs of `step`;
-    returns each micro-batch's logged values. The criterion is told the step (StepContext) and,
-    when it has DAP and the step several micro-batches, the counting pass.
+    returns (each micro-batch's logged values, whether any process asked to stop after this step:
+    SIGUSR2, util/preemption.py). The criterion is told the step (StepContext) and, when it has
+    DAP and the step several micro-batches, the counting pass.
 
     The counting pass skips the last micro-batch: its gradient pass runs first, when the others
     are counted, and its own counts (criterion.score) serve the others' gradient passes. That
@@ -197,13 +215,17 @@ def train_step(model, criterion, step, optimizer, device, max_norm, metric_logge
             amp.scaler.scale(losses / len(step)).backward()
             if position == 0 and rng_states is not None:
                 rng_after_step = utils.get_rng_state()  # where drawing in order would have ended
-        logged[i] = loss_log_values(loss_dict, criterion.weight_dict)
+        reduced = dict(loss_dict)
+        if last:
+            reduced[STOP_REQUESTED] = torch.full((), float(preemption.requested()), device=losses.device)
+        logged[i] = loss_log_values(reduced, criterion.weight_dict)
     if rng_after_step is not None:
         utils.set_rng_state(rng_after_step)
 
     amp.scaler.unscale_(optimizer)  # clip and check the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
     step_values, grad_norm = read_step_values([logged[i] for i in range(len(step))], grad_norm)
+    stop = step_values[order[-1]].pop(STOP_REQUESTED) > 0
     for i, values in enumerate(step_values):
         if not math.isfinite(values["loss"]):
             terms = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "loss" and not k.endswith("_unscaled"))
@@ -217,7 +239,7 @@ def train_step(model, criterion, step, optimizer, device, max_norm, metric_logge
     amp.scaler.step(optimizer)  # skipped (and the scale lowered) if a gradient overflowed
     amp.scaler.update()
     metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-    return step_values
+    return step_values, stop
 
 
 @torch.no_grad()

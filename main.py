@@ -11,6 +11,7 @@ file only runs it. docs/ARCHITECTURE.md describes the layout and a training step
 import argparse
 import contextlib
 import datetime
+import math
 import re
 import sys
 import time
@@ -27,7 +28,7 @@ from engine import MixedPrecision, evaluate, train_one_epoch
 from models import DEFAULT_FAMILY, FAMILIES, build_model
 from models.ema import ModelEMA
 from models.family import DetectorFamily
-from util import interrupts
+from util import interrupts, preemption
 from util.args import (
     OneLineParser,
     SelectFamily,
@@ -51,6 +52,7 @@ from util.checkpoint import (
 from util.errors import TrainingDiverged, UserInputError
 from util.logs import append_log, drop_log_lines_from, save_coco_eval, write_json
 from util.output_dir import prepare_output_dir
+from util.preemption import Preempted
 
 
 def get_args_parser():
@@ -266,29 +268,55 @@ def wrap_for_processes(model, family, args):
         find_unused_parameters=family.find_unused_parameters(args))
 
 
+def data_layout(args):
+    """What an epoch's batches and the processes' random numbers depend on: a mid-epoch
+    checkpoint continues its epoch under the same only."""
+    return {"processes": args.world_size, "--batch_size": args.batch_size, "--accum_iter": args.accum_iter,
+            "--seed": args.seed}
+
+
+def check_data_layout(partial_epoch, epoch, args):
+    """Refuse to continue the epoch a mid-epoch checkpoint stopped in under another data layout."""
+    layout = data_layout(args)
+    changed = [name for name in layout if partial_epoch["layout"].get(name) != layout[name]]
+    if changed:
+        def show(values):
+            return ", ".join(f"{name} {values.get(name)}" for name in changed)
+        raise UserInputError(f"--resume {args.resume} stopped in the middle of epoch {epoch} with "
+                             f"{show(partial_epoch['layout'])}, but this run has {show(layout)}: resume with the "
+                             "same to continue that epoch")
+
+
 def restore(args, finetune, resume, model, criterion, optimizer, lr_scheduler, amp):
     """Load the --finetune checkpoint (weights only) and the --resume one (the whole training
-    state, unless --eval); either may be None."""
+    state, unless --eval); either may be None. Returns the record of the epoch a mid-epoch
+    checkpoint stopped in (save_partial_epoch), else None."""
     if finetune is not None:
         drop = model.class_head_prefixes if args.finetune_drop_class_head else ()
         fit_state_dict(model, model_state_from_checkpoint(finetune, args.finetune), source=args.finetune,
                        drop_prefixes=drop)
         print(f"Fine-tuning from {args.finetune}" + (" (class head re-initialised)" if drop else ""))
     if resume is None:
-        return
+        return None
     fit_state_dict(model, model_state_from_checkpoint(resume, args.resume), source=args.resume)
     if args.eval or not all(k in resume for k in ("optimizer", "lr_scheduler", "epoch")):
-        return
+        return None
+    partial_epoch = resume.get("partial_epoch")
+    if partial_epoch is not None:
+        check_data_layout(partial_epoch, resume["epoch"] + 1, args)
     restore_matcher(criterion.matcher, resume, args.resume)
     optimizer.load_state_dict(resume["optimizer"])
     lr_scheduler.load_state_dict(resume["lr_scheduler"])
     if amp.scaler.is_enabled() and "scaler" in resume:
         amp.scaler.load_state_dict(resume["scaler"])
     args.start_epoch = resume["epoch"] + 1
-    print(f"Resumed from {args.resume}: continuing at epoch {args.start_epoch}")
+    steps_done = partial_epoch["steps_done"] if partial_epoch else 0
+    print(f"Resumed from {args.resume}: continuing at epoch {args.start_epoch}"
+          + (f", step {steps_done}" if partial_epoch else ""))
     if args.output_dir and utils.is_main_process():
         for log_name in ("log.txt", "iterations.jsonl"):
-            drop_log_lines_from(Path(args.output_dir) / log_name, args.start_epoch)
+            drop_log_lines_from(Path(args.output_dir) / log_name, args.start_epoch, steps_done)
+    return partial_epoch
 
 
 @dataclass
@@ -304,6 +332,7 @@ class Run:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     amp: MixedPrecision
     ema: ModelEMA | None
+    partial_epoch: dict | None  # from a mid-epoch --resume checkpoint: where its epoch stopped
 
     @property
     def n_parameters(self):
@@ -344,12 +373,13 @@ def build_run(args, device):
         model_without_ddp = model.module
     optimizer, lr_scheduler = build_optimizer(family.param_groups(model_without_ddp, args), args)
     amp = MixedPrecision(device, args.amp)
-    restore(args, finetune, resume, model_without_ddp, criterion, optimizer, lr_scheduler, amp)
+    partial_epoch = restore(args, finetune, resume, model_without_ddp, criterion, optimizer, lr_scheduler, amp)
     # The average starts from the restored weights (a copy made now), or from the checkpoint's.
     ema = ModelEMA(model_without_ddp, args.ema_decay, args.ema_warmups) if args.ema else None
     if ema is not None and resume is not None and "ema" in resume:
         ema.load_state_dict(resume["ema"])
-    run = Run(family, device, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, amp, ema)
+    run = Run(family, device, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, amp, ema,
+              partial_epoch)
     print("number of params:", run.n_parameters)
     return run
 
@@ -371,28 +401,64 @@ def save_epoch(output_dir, epoch, log_stats, coco_evaluator, run, args):
         save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", *state)
 
 
+def begin_epoch(epoch, partial_epoch, sampler_train, args):
+    """Seed the epoch from (seed, rank, epoch) and set its data order. An epoch that a mid-epoch
+    checkpoint stopped in (partial_epoch) goes on where it stopped: its batches done are left out
+    and each process's random generators are back in their state."""
+    utils.seed_everything(args.seed, utils.get_rank(), epoch)
+    skip_batches = 0
+    if partial_epoch is not None:
+        utils.set_rng_state(partial_epoch["rng_states"][utils.get_rank()])
+        skip_batches = partial_epoch["steps_done"] * args.accum_iter
+    sampler_train.set_epoch(epoch, skip_batches)
+
+
+def save_partial_epoch(output_dir, epoch, stopped, run, args):
+    """checkpoint.pth of a run stopped on SIGUSR2 in `epoch`: the training state, with 'epoch' the
+    last epoch finished, and in 'partial_epoch' what continuing this one exactly needs: its steps
+    done and meters (`stopped`, from train_one_epoch), every process's random generators, and
+    the data layout they hold for."""
+    rng_states = utils.all_gather(utils.get_rng_state())  # every process takes part
+    if output_dir is not None:
+        partial_epoch = {**stopped, "rng_states": rng_states, "layout": data_layout(args)}
+        save_checkpoint(output_dir / "checkpoint.pth", *run.checkpoint_state(epoch - 1, args),
+                        partial_epoch=partial_epoch)
+    if args.distributed:  # none exits before the file is written: torchrun ends the others when one exits
+        torch.distributed.barrier()
+
+
 def train(args, run, sampler_train, data_loader_train, data_loader_val, base_ds, output_dir):
-    """Epochs --start_epoch..--epochs: train, evaluate, log, checkpoint. Returns the last log line."""
+    """Epochs --start_epoch..--epochs: train, evaluate, log, checkpoint. Returns the last log line.
+
+    On SIGUSR2 (util/preemption.py) every process stops at the same step boundary, a mid-epoch
+    checkpoint is saved and Preempted raised; a signal that arrives after an epoch's last step
+    stops the run once that epoch's checkpoint is written (unless it was the last epoch)."""
     if args.start_epoch >= args.epochs:
         print(f"Nothing to train: epochs {args.start_epoch}..{args.epochs - 1} is empty (--epochs {args.epochs}); "
               "raise --epochs to train on")
+    partial_epoch = run.partial_epoch
     print("Start training")
     start_time = time.time()
     n_parameters = run.n_parameters
     log_stats = {}
     for epoch in range(args.start_epoch, args.epochs):
-        utils.seed_everything(args.seed, utils.get_rank(), epoch)
-        sampler_train.set_epoch(epoch)
+        begin_epoch(epoch, partial_epoch, sampler_train, args)
         iteration_log = (output_dir / "iterations.jsonl"
                          if args.log_iterations and output_dir and utils.is_main_process() else None)
         try:
-            train_stats = train_one_epoch(run.model, run.criterion, data_loader_train, run.optimizer, run.device,
-                                          epoch, args.clip_max_norm, print_freq=args.print_freq,
-                                          accum_iter=args.accum_iter, ema=run.ema, iteration_log=iteration_log,
-                                          amp=run.amp)
+            train_stats, stopped = train_one_epoch(run.model, run.criterion, data_loader_train, run.optimizer,
+                                                   run.device, epoch, args.clip_max_norm, print_freq=args.print_freq,
+                                                   accum_iter=args.accum_iter, ema=run.ema,
+                                                   iteration_log=iteration_log, amp=run.amp, stopped=partial_epoch)
         except TrainingDiverged as err:
             raise TrainingDiverged(f"{err}; {resume_hint(args)} (its weights are finite); lower --lr or clip "
                                    "harder (--clip_max_norm)") from None
+        partial_epoch = None
+        if stopped is not None:
+            save_partial_epoch(output_dir, epoch, stopped, run, args)
+            steps = math.ceil(sampler_train.batches_per_epoch / args.accum_iter)
+            raise Preempted(f"stopped on SIGUSR2 in epoch {epoch} after {stopped['steps_done']} of its {steps} "
+                            f"steps; {resume_hint(args)}")
         run.lr_scheduler.step()
 
         test_stats, coco_evaluator = evaluate(run.eval_model, run.criterion, run.postprocessors, data_loader_val,
@@ -403,11 +469,19 @@ def train(args, run, sampler_train, data_loader_train, data_loader_val, base_ds,
                      "epoch": epoch, "n_parameters": n_parameters}
         if output_dir is not None:
             save_epoch(output_dir, epoch, log_stats, coco_evaluator, run, args)
+        if epoch + 1 < args.epochs and preemption.requested_anywhere():
+            raise Preempted(f"stopped on SIGUSR2 after epoch {epoch}; {resume_hint(args)}")
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return log_stats
 
 
 def main(args):
+    # Training stops at a step boundary on SIGUSR2 (preemption, time limit): util/preemption.py.
+    with contextlib.nullcontext() if args.eval else preemption.recorded():
+        return train_or_evaluate(args)
+
+
+def train_or_evaluate(args):
     device = setup(args)
     # The output folder is locked while the run writes it (util/output_dir.py).
     with utils.on_main_process(prepare_output_dir, args) or contextlib.nullcontext():
@@ -459,6 +533,9 @@ def run_cli(argv=None):
         # stderr, not print(): print is silenced on ranks other than 0
         sys.stderr.write(f"error: {e.one_line()}\n")
         sys.exit(e.exit_status)
+    except Preempted as stop:
+        sys.stderr.write(f"preempted: {stop}\n")
+        sys.exit(stop.exit_status)
     except KeyboardInterrupt:
         sys.stderr.write(f"interrupted: {resume_hint(args)}\n")
         sys.exit(130)

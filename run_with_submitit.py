@@ -1,6 +1,11 @@
 """Launch main.py on SLURM through submitit; the job checkpoints and requeues itself when it is
 preempted or reaches its time limit, and continues from output_dir/checkpoint.pth.
 
+SLURM signals every task with SIGUSR2 ahead of both (90 s before the time limit). main.py records
+it, every process stops at the same step boundary, rank 0 writes a mid-epoch checkpoint, and
+then Trainer hands the signal to submitit's handler: on rank 0 it calls Trainer.checkpoint() and
+requeues the job, which continues the epoch at the next step, exactly (docs/RELIABILITY.md).
+
     python run_with_submitit.py --nodes 2 --ngpus 8 --timeout 1440 --partition gpu \
         --output_dir outputs/detr_r50_dap --coco_path /data/coco [main.py flags]
     python run_with_submitit.py --cluster local --ngpus 2 --device cpu ...   # on this machine
@@ -13,6 +18,7 @@ that every node sees.
 import copy
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +26,7 @@ from pathlib import Path
 import submitit
 
 import main as detr_main
+from util import preemption
 from util.args import OneLineParser, non_negative_int, positive_int
 from util.errors import UserInputError
 
@@ -65,15 +72,6 @@ def continue_in_output_dir(options):
     return str(checkpoint)
 
 
-def epochs_logged(output_dir):
-    """How many epochs main.py has finished in output_dir: it logs each to log.txt as it ends."""
-    try:
-        with open(Path(output_dir) / "log.txt") as f:
-            return sum(1 for line in f if line.strip())
-    except FileNotFoundError:
-        return 0
-
-
 def timed_out(started, timeout_min, now=None):
     """Whether a job that started at `started` has used its time, by submitit's own rule: it
     has run for min(80 %, all but 10 minutes) of --timeout."""
@@ -82,13 +80,15 @@ def timed_out(started, timeout_min, now=None):
 
 
 class Trainer:
-    """The submitted callable: runs main.main(args) in every task of the job. submitit calls
-    checkpoint() on SIGUSR2 (time limit or preemption notice) and requeues what it returns."""
+    """The submitted callable: runs main.main(args) in every task of the job. On SIGUSR2 (time
+    limit or preemption notice) training stops at a step boundary with a checkpoint, and submitit's
+    handler calls checkpoint() on rank 0 and requeues what it returns."""
 
     def __init__(self, args):
         self.args = args
         self.output_dir = args.output_dir
-        self.started = None  # (time, epochs logged) when this job began
+        self.started = None  # when this job began
+        self.advanced = False  # whether this job trained and saved at least one step
 
     def __call__(self):
         args = copy.deepcopy(self.args)  # main() edits args; a requeue must start from the original
@@ -96,7 +96,7 @@ class Trainer:
         args.output_dir = args.output_dir.replace("%j", str(env.job_id))
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         self.output_dir = args.output_dir
-        self.started = (time.time(), epochs_logged(args.output_dir))
+        self.started = time.time()
         if env.num_tasks > 1:
             # env:// rendezvous on the first node; the port is derived from the job id, so a
             # requeued job (same id) uses the same one. Every task sees all GPUs of its node.
@@ -105,18 +105,26 @@ class Trainer:
         checkpoint = continue_in_output_dir(vars(args))
         if checkpoint:
             print(f"Continuing from {checkpoint}", flush=True)
-        return detr_main.main(args)
+        try:
+            return detr_main.main(args)
+        except preemption.Preempted as stop:
+            # It stopped after a step (or an epoch) and saved it: a requeued job goes on from there.
+            sys.stderr.write(f"preempted: {stop}\n")  # print() is silenced on ranks but 0
+            self.advanced = True
+            # main.py held the signal back; submitit's handler, back in place, takes it now: on
+            # rank 0 it calls checkpoint(), requeues the job and exits; elsewhere it returns.
+            signal.raise_signal(preemption.SIGNAL)
+            return None
 
     def checkpoint(self):
-        # main.py writes checkpoint.pth after every epoch; the requeued job starts from it
-        # (see __call__), and per-epoch seeding makes the redone epoch draw the same numbers.
-        # A job that used its time without finishing an epoch would redo the same epoch at every
-        # requeue, never advancing: it is not requeued (a preempted one is, whatever its progress).
-        if self.started is not None and timed_out(self.started[0], self.args.timeout) \
-                and epochs_logged(self.output_dir) == self.started[1]:
-            print(f"error: no epoch finished within --timeout {self.args.timeout} minutes (an epoch and its "
-                  f"evaluation take longer), so a requeued job would never advance; resubmit with a larger "
-                  f"--timeout: it continues from {self.output_dir}", flush=True)
+        # The requeued job continues from output_dir/checkpoint.pth (see __call__), mid-epoch
+        # where this job stopped. One that reached its time limit without training a step (the
+        # signal came before training began) would do the same at every requeue, never advancing:
+        # it is not requeued. A preempted one is, whatever its progress.
+        if self.started is not None and timed_out(self.started, self.args.timeout) and not self.advanced:
+            print(f"error: the job reached its time limit (--timeout {self.args.timeout} minutes) before it "
+                  f"trained a step, so a requeued job would never advance; resubmit with a larger --timeout: it "
+                  f"continues from {self.output_dir}", flush=True)
             return None
         return submitit.helpers.DelayedSubmission(type(self)(self.args))
 

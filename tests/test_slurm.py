@@ -1,16 +1,19 @@
 """run_with_submitit.py: a job is submitted, interrupted mid-training, requeued, continues from
-output_dir/checkpoint.pth and finishes every epoch exactly once, in submitit's local mode
-(2 gloo processes) and on a real single-node SLURM cluster started by scripts/slurm_local.sh.
+output_dir/checkpoint.pth (mid-epoch, where SIGUSR2 stopped it) and finishes every epoch exactly
+once, in submitit's local mode (2 gloo processes) and on a real single-node SLURM cluster started
+by scripts/slurm_local.sh.
 
 How the interruptions are triggered (submitit 1.5.4):
 * local mode: SIGUSR2 sent to the task processes (children of the controller). LocalJob._interrupt()
   signals the controller, which does not handle SIGUSR2 and dies, leaving the tasks unsignalled.
-* SLURM: `scancel --signal=USR2` (what SLURM sends before a time limit: checkpoint() and
-  `scontrol requeue` from inside the job), then `scontrol requeue` from outside (what preemption
-  does: the job restarts from its original submission, and Trainer continues from the checkpoint).
+* SLURM: `scancel --signal=USR2` (what SLURM sends before a time limit: training stops at a step
+  boundary with a mid-epoch checkpoint, then checkpoint() and `scontrol requeue` from inside the
+  job), then `scontrol requeue` from outside (preemption without a signal: the job restarts from its
+  original submission, and Trainer continues from the last checkpoint).
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,8 +82,7 @@ def check_finished(output_dir, epochs):
 
 
 def resumed_epochs(text):
-    marker = "checkpoint.pth: continuing at epoch "
-    return [int(line.split(marker)[1]) for line in text.splitlines() if marker in line]
+    return [int(epoch) for epoch in re.findall(r"checkpoint\.pth: continuing at epoch (\d+)", text)]
 
 
 def test_local_job_checkpoints_requeues_and_resumes(requeue_coco, tmp_path, monkeypatch):
@@ -91,13 +93,16 @@ def test_local_job_checkpoints_requeues_and_resumes(requeue_coco, tmp_path, monk
     wait_for(lambda: logged_epochs(out) == [0] and (out / "checkpoint.pth").exists(), "the first epoch")
     tasks = children(job._process.pid)
     assert len(tasks) == 2
-    for pid in tasks:  # as SLURM does: every task gets the signal, rank 0 checkpoints and requeues
+    for pid in tasks:  # as SLURM does: every task gets the signal; both stop at one step, rank 0 requeues
         os.kill(pid, signal.SIGUSR2)
     results = job.results()  # one per task: main's last epoch stats
     assert [r["epoch"] for r in results] == [epochs - 1] * 2
     rank0 = job.task(0).stdout()
     assert "Caught signal SIGUSR2" in rank0 and "Calling checkpoint method" in rank0 and "Requeued job" in rank0
-    assert resumed_epochs(rank0) == [1]  # the epoch in progress is redone from the epoch-0 checkpoint
+    lines = [re.findall(r"preempted: .*", job.task(task).stderr()) for task in (0, 1)]
+    assert len(lines[0]) == 1 and lines[1] == lines[0]  # both tasks stopped after the same step
+    assert lines[0][0].startswith("preempted: stopped on SIGUSR2 in epoch 1 after")
+    assert resumed_epochs(rank0) == [1] and re.search(r"continuing at epoch 1, step [1-9]", rank0)  # mid-epoch
     check_finished(out, epochs)
 
 
@@ -132,26 +137,27 @@ def test_continue_in_output_dir(tmp_path):
                        "eval": False}
 
 
-def test_a_job_that_cannot_finish_an_epoch_in_its_time_is_not_requeued(tmp_path, capsys):
-    """A job whose epoch and evaluation take longer than --timeout redid the same epoch at every
-    requeue until it ran out of requeues. Now the time-limit signal ends it with one line; a job
-    that finished an epoch, or is preempted before its time is used, is requeued as before."""
+def test_a_job_out_of_time_is_requeued_only_if_it_trained_a_step(tmp_path, capsys):
+    """At the time-limit signal a job stops at a step boundary with a mid-epoch checkpoint, so a
+    requeued job advances (it is requeued, even without a whole epoch). One whose time ran out
+    before it trained a step would never advance: it ends with one line. A job preempted before
+    its time is used is requeued whatever its progress."""
     args = run_with_submitit.get_launcher_parser().parse_args(["--output_dir", str(tmp_path), "--timeout", "60"])
     trainer = run_with_submitit.Trainer(args)
-    (tmp_path / "log.txt").write_text('{"epoch": 0}\n{"epoch": 1}\n')
     now = time.time()
     timed_out = run_with_submitit.timed_out
     assert timed_out(now - 48 * 60, 60, now) and not timed_out(now - 47 * 60, 60, now)  # 80 % of the limit
     assert timed_out(now - 20 * 60, 30, now) and not timed_out(now - 19 * 60, 30, now)  # all but 10 minutes
 
-    trainer.started = (now - 50 * 60, 2)  # no epoch since the job began, its time used
+    trainer.started = now - 50 * 60  # its time used, no step trained
     assert trainer.checkpoint() is None
     line = capsys.readouterr().out.strip()
-    assert line.startswith("error: no epoch finished within --timeout 60 minutes") and str(tmp_path) in line
+    assert line.startswith("error: the job reached its time limit (--timeout 60 minutes) before it trained a step")
+    assert str(tmp_path) in line and "\n" not in line
 
-    trainer.started = (now - 5 * 60, 2)  # preempted early: requeued
+    trainer.advanced = True  # main.py stopped after a step and saved it: requeued
     assert isinstance(trainer.checkpoint(), submitit.helpers.DelayedSubmission)
-    trainer.started = (now - 50 * 60, 1)  # an epoch finished in this job: requeued
+    trainer.started, trainer.advanced = now - 5 * 60, False  # preempted early: requeued
     assert isinstance(trainer.checkpoint(), submitit.helpers.DelayedSubmission)
 
 
@@ -208,6 +214,9 @@ def test_slurm_job_survives_time_limit_signal_and_preemption(slurm_cluster, requ
     resumed = resumed_epochs(text)
     assert len(resumed) == 2 and 1 <= resumed[0] < resumed[1] <= epochs
     assert "Calling checkpoint method" in text and "Requeued job" in text
+    # the time-limit signal stopped epoch 1 at a step boundary; the requeued job went on from there
+    assert "preempted: stopped on SIGUSR2 in epoch 1 after" in job.stderr()
+    assert re.search(r"continuing at epoch 1, step [1-9]", text)
     check_finished(out, epochs)
 
 

@@ -122,19 +122,24 @@ def fit_state_dict(model, state_dict, source="checkpoint", drop_prefixes=()):
     model.load_state_dict(state_dict, strict=not drop_prefixes)
 
 
-def save_checkpoint(path, model, matcher, optimizer, lr_scheduler, epoch, args, ema=None, scaler=None):
+def save_checkpoint(path, model, matcher, optimizer, lr_scheduler, epoch, args, ema=None, scaler=None,
+                    partial_epoch=None):
     """Write a training checkpoint from the main process, atomically (util.output_dir), so a job
-    killed mid-write leaves the last good file. 'matcher' holds the matcher's state (the DAP
-    momentum precision table; empty otherwise); 'ema' and 'scaler' (the GradScaler of --amp on
-    CUDA) are there when in use."""
+    killed mid-write leaves the last good file. 'epoch' is the last epoch finished; 'matcher'
+    holds the matcher's state (the DAP momentum precision table; empty otherwise); 'ema' and
+    'scaler' (the GradScaler of --amp on CUDA) are there when in use, and 'partial_epoch' in a
+    mid-epoch checkpoint: how far the next epoch got (main.save_partial_epoch)."""
     if not is_main_process():
         return
     if not all_finite([model.state_dict(), ema.state_dict() if ema else {}]):
-        raise TrainingDiverged(f"the weights are not finite at the end of epoch {epoch}: {path} was not written")
+        when = (f"after step {partial_epoch['steps_done']} of epoch {epoch + 1}" if partial_epoch
+                else f"at the end of epoch {epoch}")
+        raise TrainingDiverged(f"the weights are not finite {when}: {path} was not written")
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
                   "matcher": matcher.state_dict(), **({"ema": ema.state_dict()} if ema else {}),
-                  **({"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {})}
+                  **({"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}),
+                  **({"partial_epoch": partial_epoch} if partial_epoch else {})}
     write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 

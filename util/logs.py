@@ -2,6 +2,7 @@
 line) and the COCO evaluation arrays. Each is written atomically (util.output_dir.write_atomically)
 but iterations.jsonl, appended at every step: a line cut by a kill is dropped on --resume."""
 import json
+import math
 
 import torch
 
@@ -20,20 +21,23 @@ def write_json(path, record):
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record)))
 
 
-def _epoch_of(line):
+def _position(line):
+    """(epoch, step) of a log line; a log.txt line, which sums up its epoch, comes after the
+    epoch's steps."""
     try:
-        return json.loads(line).get("epoch", -1)
+        record = json.loads(line)
     except ValueError:  # the last line, cut by a kill while it was appended
         return None
+    return record.get("epoch", -1), record.get("step", math.inf)
 
 
-def drop_log_lines_from(log_path, epoch):
-    """Remove the lines of epochs >= epoch from a JSON-lines log (they are about to be redone),
-    and a last line cut short."""
+def drop_log_lines_from(log_path, epoch, step=0):
+    """Remove the lines from (epoch, step) on from a JSON-lines log (they are about to be
+    redone), and a last line cut short."""
     if not log_path.exists():
         return
     lines = log_path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and (e := _epoch_of(line)) is not None and e < epoch]
+    kept = [line for line in lines if line.strip() and (p := _position(line)) is not None and p < (epoch, step)]
     if len(kept) != len(lines):
         write_atomically(log_path, lambda tmp: tmp.write_text("".join(kept)))
 

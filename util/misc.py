@@ -78,6 +78,11 @@ def is_main_process():
     return get_rank() == 0
 
 
+def collective_device():
+    """Where a tensor for a collective operation lives: the current GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_gather(data):
     """Gather any picklable object from every rank; returns a list with one entry per rank."""
     if get_world_size() == 1:
@@ -194,6 +199,13 @@ class SmoothedValue:
         self.count += n
         self.total += value * n
 
+    def state_dict(self):
+        return {"count": self.count, "total": self.total, "window": list(self.deque)}
+
+    def load_state_dict(self, state):
+        self.count, self.total = state["count"], state["total"]
+        self.deque.extend(state["window"])
+
     def synchronize_between_processes(self):
         """Sum count and total over ranks (the window stays local)."""
         if not is_dist_avail_and_initialized():
@@ -242,6 +254,14 @@ class MetricLogger:
 
     def add_meter(self, name, meter):
         self.meters[name] = meter
+
+    def state_dict(self):
+        """Every meter's running sums and recent values (a stopped epoch continues from them)."""
+        return {name: meter.state_dict() for name, meter in self.meters.items()}
+
+    def load_state_dict(self, state):
+        for name, meter_state in state.items():
+            self.meters[name].load_state_dict(meter_state)
 
     def __getattr__(self, attr):
         meters = self.__dict__.get("meters", {})
@@ -375,8 +395,7 @@ def on_main_process(fn, *args):
         except UserInputError as err:
             error = err
     if is_dist_avail_and_initialized():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        failed = torch.tensor([error is not None], dtype=torch.int32, device=device)
+        failed = torch.tensor([error is not None], dtype=torch.int32, device=collective_device())
         dist.all_reduce(failed)
         if failed.item() and error is None:
             raise UserInputError("the main process (rank 0) refused to start; its message says why")
