@@ -125,7 +125,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         for step_index, step in enumerate(steps, start=first_step):
             try:
                 step_values, stop = train_step(model, criterion, step, optimizer, device, max_norm, metric_logger,
-                                               amp)
+                                               amp, epoch)
             except TrainingDiverged as err:
                 raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step_index}: {err}") from None
             utils.heartbeat(f"epoch {epoch}, step {step_index}")
@@ -165,11 +165,12 @@ def counting_pass(model, criterion, step_samples, step_targets, amp):
     return counted, rng_states
 
 
-def train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp):
+def train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp, epoch=None):
     """One optimisation step over its micro-batches, the (samples, targets) pairs of `step`;
     returns (each micro-batch's logged values, whether any process asked to stop after this step:
-    SIGUSR2, util/preemption.py). The criterion is told the step (StepContext) and, when it has
-    DAP and the step several micro-batches, the counting pass.
+    SIGUSR2, util/preemption.py). The criterion is told the step (StepContext: its micro-batches'
+    targets, the epoch) and, when it has a batch-level loss (DAP, a ranking loss) and the step
+    several micro-batches, the counting pass.
 
     The counting pass skips the last micro-batch: its gradient pass runs first, when the others
     are counted, and its own counts (criterion.score) serve the others' gradient passes. That
@@ -198,7 +199,7 @@ def train_step(model, criterion, step, optimizer, device, max_norm, metric_logge
             with amp.autocast():
                 outputs = model(samples, targets)
             outputs = amp.float32(outputs)
-            context = StepContext(step_targets, i, counted, final_call=last)
+            context = StepContext(step_targets, i, counted, final_call=last, epoch=epoch)
             try:
                 if counted is not None and counted[i] is None:
                     loss_dict, counted[i] = criterion.score(outputs, targets, context)

@@ -46,7 +46,7 @@ from util.checkpoint import (
     fit_state_dict,
     load_checkpoint,
     model_state_from_checkpoint,
-    restore_matcher,
+    restore_criterion,
     save_checkpoint,
 )
 from util.errors import TrainingDiverged, UserInputError
@@ -128,12 +128,13 @@ def get_args_parser():
     parser.add_argument("--giou_loss_coef", default=2, type=non_negative_float)
     parser.add_argument("--eos_coef", default=0.1, type=unit_interval, help="relative weight of the no-object class")
     # * DAP-loss (docs/DAP.md)
-    parser.add_argument("--loss", default="raw", choices=("raw", "dap", "raw+dap", "ap", "rs"),
-                        help="upstream losses, DAP-loss only, or both summed; or a ranking loss instead of the "
-                             "classification loss (docs/LOSSES.md): ap = AP-Loss beside the upstream box losses, "
-                             "rs = Rank & Sort Loss with its self-balanced GIoU loss. Every ranking loss ranks the "
-                             "log-odds of the same positives and negatives as DAP (--dap_neg_topk) over the step's "
-                             "whole batch")
+    parser.add_argument("--loss", default="raw", choices=("raw", "dap", "raw+dap", "ap", "alrp", "rs"),
+                        help="upstream losses, DAP-loss only, or both summed; or a ranking loss (docs/LOSSES.md): "
+                             "ap = AP-Loss instead of the classification loss, beside the upstream box losses; "
+                             "alrp = aLRP Loss instead of both, with its self-balanced localisation component; "
+                             "rs = Rank & Sort Loss instead of the classification loss, with its self-balanced GIoU "
+                             "loss. Every ranking loss ranks the log-odds of the same positives and negatives as DAP "
+                             "(--dap_neg_topk) over the step's whole batch")
     parser.add_argument("--matcher", default="hungarian", choices=("hungarian", "dap"),
                         help="upstream matching cost, or the AP cost of Eq. 11")
     parser.add_argument("--dap_cost_mode", default="constant", choices=("constant", "momentum"),
@@ -150,7 +151,7 @@ def get_args_parser():
     # * the ranking losses (docs/LOSSES.md)
     parser.add_argument("--rank_delta", default=None, type=positive_float,
                         help="delta, the width of the smoothed step in log-odds; default: the loss's paper "
-                             "(AP-Loss 1.0, RS 0.5)")
+                             "(AP-Loss 1.0, aLRP 1.0, RS 0.5)")
     parser.add_argument("--rank_loss_coef", default=1.0, type=non_negative_float,
                         help="weight of the ranking loss's terms and their auxiliary copies")
 
@@ -304,7 +305,7 @@ def restore(args, finetune, resume, model, criterion, optimizer, lr_scheduler, a
     partial_epoch = resume.get("partial_epoch")
     if partial_epoch is not None:
         check_data_layout(partial_epoch, resume["epoch"] + 1, args)
-    restore_matcher(criterion.matcher, resume, args.resume)
+    restore_criterion(criterion, resume, args.resume)
     optimizer.load_state_dict(resume["optimizer"])
     lr_scheduler.load_state_dict(resume["lr_scheduler"])
     if amp.scaler.is_enabled() and "scaler" in resume:
@@ -343,7 +344,7 @@ class Run:
         return self.ema.module if self.ema is not None else self.model
 
     def checkpoint_state(self, epoch, args):
-        return (self.model_without_ddp, self.criterion.matcher, self.optimizer, self.lr_scheduler, epoch, args,
+        return (self.model_without_ddp, self.criterion, self.optimizer, self.lr_scheduler, epoch, args,
                 self.ema, self.amp.scaler)
 
 

@@ -120,12 +120,13 @@ class CountReducer:
 
 
 class DAPLayer(NamedTuple):
-    """One layer to score with DAP-loss: its name (the suffix of its loss keys), outputs,
-    targets and matching."""
+    """One layer to score with DAP-loss (or a ranking loss): its name (the suffix of its loss
+    keys), outputs, targets and matching, and whether it is the final layer."""
     name: str
     outputs: dict
     targets: list
     indices: list
+    final: bool = False
 
 
 class DAPLayerResult(NamedTuple):
@@ -176,16 +177,20 @@ class DAPLoss:
         self.num_gt = num_gt if num_gt else None  # 0 means "count the ground truth"
         self.neg_topk = neg_topk
 
-    def __call__(self, layers, totals, others=None):
+    def __call__(self, layers, totals, step):
         """layers: DAPLayers; totals: the step totals (set_criterion), of which num_matched,
         matched pairs of the step per (process, micro-batch) (G when --dap_num_gt is 0), and
-        shares, the number of (process, micro-batch) pairs; others: {layer name: list of
-        LayerRecords or None} (see the class), or None. Returns {layer name: DAPLayerResult}."""
+        shares, the number of (process, micro-batch) pairs; step: the StepContext, whose
+        counting pass gives the step's other micro-batches. Returns {layer name: DAPLayerResult}."""
         shares = totals["shares"]
         num_gt = self.num_gt if self.num_gt is not None else totals["num_matched"] * shares
         gathered = {layer.name: gather_detections(layer.outputs, layer.targets, layer.indices, self.activation,
                                                   self.neg_topk) for layer in layers}
-        others = {name: merge_records(records) for name, records in (others or {}).items() if records}
+        others = {}
+        for layer in layers:
+            records = step.other_micro_batches(layer.name)
+            if records:
+                others[layer.name] = merge_records(records)
         groups = {}
         for layer in layers:
             pos_scores, _, neg_scores, _ = gathered[layer.name]

@@ -15,15 +15,16 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from util import box_ops
 from util.misc import get_world_size, is_dist_avail_and_initialized
 
 from .dap_criterion import gather_detections
 from .matcher import matched_pairs
-from .rank_losses import ap_loss, rank_sort_loss_terms
+from .rank_losses import alrp_loss_terms, ap_loss, rank_sort_loss_terms
 
-RANKING_LOSSES = ("ap", "rs")
+RANKING_LOSSES = ("ap", "alrp", "rs")
 
 
 class RankRecord(NamedTuple):
@@ -62,7 +63,7 @@ class RankLayerResult(NamedTuple):
     losses: dict         # this layer's loss terms, keys without the layer's suffix
     record: RankRecord   # every process's detections of this micro-batch, detached
     precision: None = None  # DAP's table; the ranking losses have none
-    logged: dict = {}    # nothing is logged beside the losses
+    logged: dict = {}    # logged of the final layer beside the losses (aLRP's weight)
 
 
 # ---------------------------------------------------------------------- exchange between processes
@@ -117,55 +118,110 @@ def scaled_gradient(value, shares):
     return value * shares - value.detach() * (shares - 1)
 
 
-class RankingLoss:
-    """One of the ranking losses (`name`: 'ap' or 'rs'; docs/LOSSES.md) on every layer that has
-    it, over the step's whole batch (see the module docstring).
+class SelfBalance(nn.Module):
+    """aLRP Loss's self-balancing weight of its localisation component (Oksuz et al. 2020): in
+    each epoch, (mean L_cls + mean L_loc) / mean L_loc of the previous epoch's steps; 50 in the
+    first (the paper's start). The sums are device tensors (nothing is read back) and the state
+    is saved with the criterion, so a resumed run, mid-epoch too, goes on with the same weight."""
+
+    def __init__(self, initial=50.0):
+        super().__init__()
+        self.register_buffer("weight", torch.tensor(initial, dtype=torch.float64))
+        self.register_buffer("sums", torch.zeros(2, dtype=torch.float64))  # L_cls, L_loc of this epoch
+        self.epoch = None  # the epoch the sums belong to
+
+    @torch.no_grad()
+    def start(self, epoch):
+        """Before a training step: the first step of an epoch turns the last epoch's sums into
+        the weight it trains with."""
+        if epoch != self.epoch:
+            if self.epoch is not None:
+                total, loc = self.sums.sum(), self.sums[1]
+                self.weight.copy_(torch.where(loc > 0, total / torch.where(loc > 0, loc, 1.0), self.weight))
+            self.sums.zero_()
+            self.epoch = epoch
+
+    @torch.no_grad()
+    def record(self, classification, localisation):
+        """One training step's components (of the step's whole batch)."""
+        self.sums += torch.stack([classification.detach(), localisation.detach()]).to(self.sums)
+
+    def get_extra_state(self):
+        return {"epoch": self.epoch}
+
+    def set_extra_state(self, state):
+        self.epoch = state["epoch"]
+
+
+class RankingLoss(nn.Module):
+    """One of the ranking losses (`name`: 'ap', 'alrp' or 'rs'; docs/LOSSES.md) on every layer
+    that has it, over the step's whole batch (see the module docstring).
 
     ap: loss_ap = AP-Loss (the upstream box losses are trained beside it).
+    alrp: loss_alrp = aLRP's classification component, whose update of the scores is the whole
+        aLRP update, and loss_alrp_loc = its localisation component times the self-balancing
+        weight (SelfBalance, fed by the final layer's components at every training step).
     rs: loss_rs = RS Loss, and loss_rs_giou = lambda * the mean GIoU loss of the step's
         positives, with lambda = loss_rs / that GIoU loss held constant (the RS paper's
         self-balancing: the two terms are equal in value).
     """
 
     def __init__(self, name, *, activation, neg_topk=100, delta=None):
+        super().__init__()
         if name not in RANKING_LOSSES:
             raise ValueError(f"unknown ranking loss {name!r}; expected one of {RANKING_LOSSES}")
         self.name = name
+        self.balance = SelfBalance() if name == "alrp" else None
         self.activation = activation
         self.neg_topk = neg_topk
         self.delta = delta
 
-    def __call__(self, layers, totals, others=None):
+    def forward(self, layers, totals, step):
         """layers: DAPLayers (name, outputs, targets, indices); totals: the step totals
         (set_criterion), of which shares, the number of (process, micro-batch) pairs of the step;
-        others: {layer name: RankRecords of the step's other micro-batches, or None}.
+        step: the StepContext, whose counting pass gives the step's other micro-batches.
         Returns {layer name: RankLayerResult}."""
         shares = totals["shares"]
         own = [gather_ranked(layer, self.activation, self.neg_topk) for layer in layers]
         detached = [RankRecord(*(t.detach() for t in parts)) for parts in own]
+        training_step = self.training and torch.is_grad_enabled()  # not the counting pass, nor evaluation
+        if self.balance is not None and training_step:
+            self.balance.start(step.epoch)
         distributed = is_dist_avail_and_initialized()
         everyone = exchange(detached) if distributed else [detached]
         rank = dist.get_rank() if distributed else 0
-        others = others or {}
         results = {}
         for i, layer in enumerate(layers):
-            rest = [records[i] for r, records in enumerate(everyone) if r != rank] + list(others.get(layer.name) or [])
-            step = RankRecord(*(torch.cat([mine, *(r[k] for r in rest)]) for k, mine in enumerate(own[i])))
+            rest = [records[i] for r, records in enumerate(everyone) if r != rank]
+            rest += step.other_micro_batches(layer.name) or []
+            batch = RankRecord(*(torch.cat([mine, *(r[k] for r in rest)]) for k, mine in enumerate(own[i])))
             record = merge_rank_records([records[i] for records in everyone])._replace(indices=layer.indices)
-            results[layer.name] = RankLayerResult(self._losses(step, len(own[i][0]), shares), record)
+            losses = self._losses(batch, len(own[i][0]), shares)
+            logged = {}
+            if self.balance is not None and layer.final:
+                logged["alrp_sb_weight"] = self.balance.weight.float()
+                if training_step and step.is_last:  # once per step: the step's whole-batch values
+                    self.balance.record(losses["loss_alrp"], losses["loss_alrp_loc"] / self.balance.weight)
+            results[layer.name] = RankLayerResult(losses, record, logged=logged)
         return results
 
-    def _losses(self, step, num_own, shares):
-        """The layer's terms from the step's detections, this process's `num_own` positives first."""
+    def _losses(self, batch, num_own, shares):
+        """The layer's terms from the step's detections `batch`, this process's `num_own`
+        positives first."""
         kwargs = {} if self.delta is None else {"delta": self.delta}
         if self.name == "ap":
-            return {"loss_ap": scaled_gradient(ap_loss(step.pos_scores, step.neg_scores, step.neg_weights, **kwargs),
-                                               shares)}
-        terms = rank_sort_loss_terms(step.pos_scores, step.pos_ious, step.neg_scores, step.neg_weights, **kwargs)
+            return {"loss_ap": scaled_gradient(ap_loss(batch.pos_scores, batch.neg_scores, batch.neg_weights,
+                                                       **kwargs), shares)}
+        if self.name == "alrp":
+            terms = alrp_loss_terms(batch.pos_scores, batch.pos_ious, batch.neg_scores, batch.neg_weights, **kwargs)
+            return {"loss_alrp": scaled_gradient(terms.classification, shares),
+                    "loss_alrp_loc": scaled_gradient(terms.localisation, shares)
+                    * self.balance.weight.to(terms.localisation.dtype)}
+        terms = rank_sort_loss_terms(batch.pos_scores, batch.pos_ious, batch.neg_scores, batch.neg_weights, **kwargs)
         value = terms.ranking + terms.sorting
         # The GIoU loss averaged over the step's positives, as this process's share (its own
         # positives' terms), weighted to be as large as RS Loss (lambda, a constant).
-        mean_giou_loss = step.pos_giou_loss.detach().mean()
+        mean_giou_loss = batch.pos_giou_loss.detach().mean()
         weight = torch.where(mean_giou_loss > 0, value.detach() / mean_giou_loss.clamp(min=1e-12), 0.0)
-        box_share = step.pos_giou_loss[:num_own].sum() / max(len(step.pos_giou_loss), 1)
+        box_share = batch.pos_giou_loss[:num_own].sum() / max(len(batch.pos_giou_loss), 1)
         return {"loss_rs": scaled_gradient(value, shares), "loss_rs_giou": weight * box_share * shares}

@@ -166,7 +166,7 @@ def ap_loss(pos_scores, neg_scores, neg_weights=None, *, delta=1.0):
     return _ErrorDriven.apply(value, pos_scores, neg_scores, neg_weights, pos_update, causes, delta)
 
 
-def alrp_loss_terms(pos_scores, pos_ious, neg_scores, neg_weights=None, *, delta=0.5, tau=0.5):
+def alrp_loss_terms(pos_scores, pos_ious, neg_scores, neg_weights=None, *, delta=1.0, tau=0.5):
     """aLRP Loss (Oksuz et al. 2020) in its two parts, ALRPTerms(classification, localisation).
 
     pos_scores [P], neg_scores [M], neg_weights [M]: as for ap_loss.
@@ -200,7 +200,7 @@ def alrp_loss_terms(pos_scores, pos_ious, neg_scores, neg_weights=None, *, delta
     return ALRPTerms(classification, localisation.to(pos_scores.dtype))
 
 
-def alrp_loss(pos_scores, pos_ious, neg_scores, neg_weights=None, *, delta=0.5, tau=0.5):
+def alrp_loss(pos_scores, pos_ious, neg_scores, neg_weights=None, *, delta=1.0, tau=0.5):
     """aLRP Loss (Oksuz et al. 2020), classification + localisation (alrp_loss_terms)."""
     terms = alrp_loss_terms(pos_scores, pos_ious, neg_scores, neg_weights, delta=delta, tau=tau)
     return terms.classification + terms.localisation

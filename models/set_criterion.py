@@ -54,11 +54,14 @@ class StepContext:
         whose gradient pass counts itself (criterion.score).
     final_call: whether no criterion call of this step follows; None: the micro-batches are
         called in order, so the last micro-batch's call is the final one.
+    epoch: the training epoch (aLRP's self-balancing weight changes between epochs); None
+        outside training.
     """
     targets: list
     micro_batch: int = 0
     counted: list | None = None
     final_call: bool | None = None
+    epoch: int | None = None
 
     @classmethod
     def single(cls, targets):
@@ -129,7 +132,7 @@ class BaseSetCriterion(nn.Module):
     def __init__(self, num_classes, matcher, weight_dict, losses, batch_loss=None):
         """losses: names of the loss functions (loss_map), and the name of batch_loss where it
         applies; batch_loss: the loss whose value depends on the whole step's batch, DAP-loss
-        (DAPLoss, 'dap') or a ranking loss (RankingLoss: 'ap', 'rs'), computed for all its
+        (DAPLoss, 'dap') or a ranking loss (RankingLoss: 'ap', 'alrp', 'rs'), computed for all its
         layers at once; None without one."""
         super().__init__()
         self.num_classes = num_classes
@@ -235,7 +238,8 @@ class BaseSetCriterion(nn.Module):
             if indices is None:
                 indices = self.matcher(layer.outputs, layer.targets)
             if with_batch_loss:
-                batch_layers.append(DAPLayer(layer.name, layer.outputs, layer.targets, indices))
+                batch_layers.append(DAPLayer(layer.name, layer.outputs, layer.targets, indices,
+                                             final=layer.name == FINAL_LAYER))
             if not raw_losses:
                 continue
             layer_totals = {**totals, "num_boxes": totals["num_boxes"] * layer.box_groups}
@@ -248,8 +252,7 @@ class BaseSetCriterion(nn.Module):
         # The batch-level loss once for all its layers: they are computed together.
         results = {}
         if batch_layers:
-            results = self.batch_loss(batch_layers, totals,
-                                      {layer.name: step.other_micro_batches(layer.name) for layer in batch_layers})
+            results = self.batch_loss(batch_layers, totals, step)
             for name, result in results.items():
                 losses.update({k + name: v for k, v in result.losses.items()})
             if FINAL_LAYER in results:
@@ -300,20 +303,22 @@ class LossChoice(NamedTuple):
     """What --loss trains with."""
     classification: bool  # the upstream classification loss
     boxes: bool           # the upstream box losses (L1, GIoU)
-    batch_loss: str | None  # 'dap', 'ap', 'rs', or None
+    batch_loss: str | None  # 'dap', 'ap', 'alrp', 'rs', or None
 
 
 def loss_choice(args):
     """--loss: raw, dap and raw+dap (docs/DAP.md); ap (AP-Loss beside the upstream box losses)
-    and rs (RS Loss with its GIoU term) replace the classification loss (docs/LOSSES.md)."""
+    and rs (RS Loss with its GIoU term) replace the classification loss, alrp (aLRP Loss, its
+    own localisation component) both upstream losses (docs/LOSSES.md)."""
     raw = args.loss in ("raw", "raw+dap")
-    batch_loss = {"dap": "dap", "raw+dap": "dap", "ap": "ap", "rs": "rs"}.get(args.loss)
+    batch_loss = {"dap": "dap", "raw+dap": "dap", "ap": "ap", "alrp": "alrp", "rs": "rs"}.get(args.loss)
     return LossChoice(raw, raw or args.loss == "ap", batch_loss)
 
 
 def batch_loss_weights(args):
     """The weights of the batch-level loss's terms, keys without a layer suffix."""
     return {"dap": {"loss_dap": args.dap_loss_coef}, "ap": {"loss_ap": args.rank_loss_coef},
+            "alrp": {"loss_alrp": args.rank_loss_coef, "loss_alrp_loc": args.rank_loss_coef},
             "rs": {"loss_rs": args.rank_loss_coef, "loss_rs_giou": args.rank_loss_coef},
             None: {}}[loss_choice(args).batch_loss]
 
@@ -321,7 +326,7 @@ def batch_loss_weights(args):
 def set_losses(args):
     """DETR's and Deformable DETR's criteria under --loss: (loss names, final-layer weights).
     'labels' (classification) and 'boxes' (L1, GIoU) are the upstream losses, then the
-    batch-level loss ('dap', 'ap' or 'rs'); 'cardinality' is logged under every --loss."""
+    batch-level loss ('dap', 'ap', 'alrp' or 'rs'); 'cardinality' is logged under every --loss."""
     choice = loss_choice(args)
     names = ((["labels"] if choice.classification else []) + (["boxes"] if choice.boxes else [])
              + ([choice.batch_loss] if choice.batch_loss else []) + ["cardinality"])

@@ -16,6 +16,7 @@ from models.dap_functional import (
     differentiable_ap,
     differentiable_ap_terms,
 )
+from models.set_criterion import StepContext
 from util import box_ops
 
 from conftest import TINY_DETR_FLAGS
@@ -266,11 +267,13 @@ def test_dap_loss_reads_nothing_back_to_the_host(activation, num_logits, with_ot
     num_matched = torch.tensor(5.0)
     layers = [DAPLayer("", outputs, targets, indices), DAPLayer("_0", outputs, targets, indices)]
     totals = {"num_matched": num_matched, "shares": 2}
-    others = None
     if with_others:
-        others = {name: [r.record] for name, r in dap(layers, totals).items()}
+        records = {name: r.record for name, r in dap(layers, totals, StepContext.single(targets)).items()}
+        step = StepContext([targets, targets], 0, [None, records])
+    else:
+        step = StepContext.single(targets)
     with HostReads() as reads:
-        result = dap(layers, totals, others)[""]
+        result = dap(layers, totals, step)[""]
         result.loss.backward()
     assert reads.seen == []
     # the counter sees them where they are
@@ -299,12 +302,12 @@ def test_dap_loss_of_several_layers_equals_each_layer_alone(activation, num_logi
 
     with monkeypatch.context() as patch:
         patch.setattr(dap_criterion.CountReducer, "__call__", counting)
-        together = dap(layers, {"num_matched": 5.0, "shares": 2})
+        together = dap(layers, {"num_matched": 5.0, "shares": 2}, StepContext.single(layers[0].targets))
     assert sorted(reducers) == [1, 3]  # one stack of the three equal layers, one alone
     leaves = [t for layer in layers for t in layer.outputs.values()]
     grads = torch.autograd.grad(sum((i + 1) * together[layer.name].loss for i, layer in enumerate(layers)), leaves)
     for i, layer in enumerate(layers):
-        alone = dap([layer], {"num_matched": 5.0, "shares": 2})[layer.name]
+        alone = dap([layer], {"num_matched": 5.0, "shares": 2}, StepContext.single(layer.targets))[layer.name]
         result = together[layer.name]
         for got, want in [(result.loss, alone.loss), (result.dap, alone.dap), (result.precision, alone.precision),
                           (result.record.counts, alone.record.counts),

@@ -133,8 +133,11 @@ def run_two_processes(flags, micro_batches=1):
     # the ranking losses (docs/LOSSES.md): ranks over the step's whole batch
     ["--loss", "ap"],
     ["--loss", "rs", "--matcher", "dap"],
+    ["--loss", "alrp"],
     ["--model", "deformable_detr", "--hidden_dim", "32", "--num_classes", "7", "--loss", "ap", "--dap_neg_topk", "20"],
     ["--model", "deformable_detr", "--hidden_dim", "32", "--num_classes", "7", "--loss", "rs", "--dap_neg_topk", "20"],
+    ["--model", "deformable_detr", "--hidden_dim", "32", "--num_classes", "7", "--loss", "alrp",
+     "--dap_neg_topk", "20"],
 ])
 def test_processes_and_accumulation_equal_one_batch(flags, processes, micro_batches):
     """8 images as 2 processes x 4, 1 process x 2 accumulated micro-batches of 4, or 2 x 2 x 2:

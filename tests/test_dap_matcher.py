@@ -14,7 +14,7 @@ from models import build_model
 from models.dap_criterion import gather_detections
 from models.dap_functional import ap_matching_cost, constant_precision, differentiable_ap_terms
 from models.dap_matcher import DAPMatcher
-from util.checkpoint import load_checkpoint, restore_matcher
+from util.checkpoint import load_checkpoint, restore_criterion
 
 from conftest import TINY_DETR_FLAGS
 
@@ -302,13 +302,13 @@ def test_momentum_table_survives_checkpoint_and_resume(synthetic_coco, tmp_path,
     detr_main.main(parser.parse_args(flags + ["--resume", ckpt_path]))
     assert torch.equal(built[0][1].matcher.precision, saved)
 
-    # restore_matcher itself, on a freshly built criterion, and on a checkpoint without matcher state.
+    # restore_criterion itself, on a freshly built criterion, and on a checkpoint without matcher state.
     fresh = build_criterion("--num_classes", str(num_classes), "--dec_layers", "2", "--dap_cost_mode", "momentum")
-    restore_matcher(fresh.matcher, ckpt, ckpt_path)
+    restore_criterion(fresh, ckpt, ckpt_path)
     assert torch.equal(fresh.matcher.precision, saved)
     untouched = build_criterion("--dap_cost_mode", "momentum")
     capsys.readouterr()
-    restore_matcher(untouched.matcher, {"model": {}}, "old.pth")
+    restore_criterion(untouched, {"model": {}}, "old.pth")
     assert torch.equal(untouched.matcher.precision, constant_precision(8))
     assert "old.pth" in capsys.readouterr().out
 

@@ -381,12 +381,12 @@ SYNC_CASES = {
 def sync_case_flags(model, loss):
     """--loss dap runs with the AP-cost matcher; RT-DETR's query selection is trained by the loss
     where it replaces the classification loss (dap, ap, rs)."""
-    selection = ["--no_iou_aware_query_selection"] if model == "rtdetr" and loss in ("dap", "ap", "rs") else []
+    selection = ["--no_iou_aware_query_selection"] if model == "rtdetr" and loss in ("dap", "ap", "alrp", "rs") else []
     return SYNC_CASES[model] + ["--loss", loss] + (["--matcher", "dap"] if loss == "dap" else []) + selection
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
-@pytest.mark.parametrize("loss", ["raw", "dap", "raw+dap", "ap", "rs"])
+@pytest.mark.parametrize("loss", ["raw", "dap", "raw+dap", "ap", "alrp", "rs"])
 @pytest.mark.parametrize("model", sorted(SYNC_CASES))
 def test_a_training_step_reads_the_device_once_per_matched_layer_and_once_to_log(model, loss, micro_batches):
     """The host waits for the GPU at each read: a step reads the matching cost of each matched

@@ -19,9 +19,10 @@ CONFIGURATIONS = {
     "deformable_detr": (TINY_DEFORMABLE_FLAGS, [[], ["--with_box_refine"], ["--with_box_refine", "--two_stage"]]),
     "rtdetr": (TINY_RTDETR_FLAGS, [[], ["--num_denoising", "0"], ["--no_iou_aware_query_selection"]]),
 }
+LOSSES = ["raw", "dap", "ap", "alrp", "rs"]
 CASES = [(model, variant, aux, loss)
          for model, (_, variants) in CONFIGURATIONS.items()
-         for variant, aux, loss in itertools.product(variants, [[], ["--no_aux_loss"]], ["raw", "dap", "ap", "rs"])]
+         for variant, aux, loss in itertools.product(variants, [[], ["--no_aux_loss"]], LOSSES)]
 
 
 def free_port():
@@ -47,7 +48,7 @@ def parameters_without_gradient(args):
 def test_find_unused_parameters_is_true_exactly_when_some_parameter_gets_no_gradient(model, variant, aux, loss):
     flags, _ = CONFIGURATIONS[model]
     if model == "rtdetr":  # COCO's categories; DAP or a ranking loss trains the query selection too
-        extra = ["--no_iou_aware_query_selection"] if loss in ("dap", "ap", "rs") else []
+        extra = ["--no_iou_aware_query_selection"] if loss in ("dap", "ap", "alrp", "rs") else []
     else:
         extra = ["--num_classes", "5"]
     args = parse(flags + extra + ["--loss", loss, *variant, *aux])

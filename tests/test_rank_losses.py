@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.rank_losses import alrp_loss, alrp_loss_terms, ap_loss, rank_sort_loss, rank_sort_loss_terms
 
-DEFAULT_DELTA = {"ap": 1.0, "alrp": 0.5, "rs": 0.5}
+DEFAULT_DELTA = {"ap": 1.0, "alrp": 1.0, "rs": 0.5}
 TAU = 0.5
 
 
@@ -214,7 +214,7 @@ def test_value_and_update_match_reference(name, seed, num_pos, num_neg, delta):
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_defaults(name, seed):
-    """δ = 1 (AP-Loss), δ = 0.5 and τ = 0.5 (aLRP), δ = 0.5 (RS) when not given."""
+    """δ = 1 (AP-Loss), δ = 1 and τ = 0.5 (aLRP), δ = 0.5 (RS) when not given."""
     pos, ious, neg, w = random_case(100 + seed, 5, 30, 0.7)
     check_against_reference(name, pos, ious, neg, w, None)
 

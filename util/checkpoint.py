@@ -122,11 +122,12 @@ def fit_state_dict(model, state_dict, source="checkpoint", drop_prefixes=()):
     model.load_state_dict(state_dict, strict=not drop_prefixes)
 
 
-def save_checkpoint(path, model, matcher, optimizer, lr_scheduler, epoch, args, ema=None, scaler=None,
+def save_checkpoint(path, model, criterion, optimizer, lr_scheduler, epoch, args, ema=None, scaler=None,
                     partial_epoch=None):
     """Write a training checkpoint from the main process, atomically (util.output_dir), so a job
     killed mid-write leaves the last good file. 'epoch' is the last epoch finished; 'matcher'
-    holds the matcher's state (the DAP momentum precision table; empty otherwise); 'ema' and
+    holds the matcher's state (the DAP momentum precision table; empty otherwise), 'batch_loss'
+    the batch-level loss's where it has one (aLRP's self-balancing weight); 'ema' and
     'scaler' (the GradScaler of --amp on CUDA) are there when in use, and 'partial_epoch' in a
     mid-epoch checkpoint: how far the next epoch got (main.save_partial_epoch)."""
     if not is_main_process():
@@ -137,16 +138,24 @@ def save_checkpoint(path, model, matcher, optimizer, lr_scheduler, epoch, args, 
         raise TrainingDiverged(f"the weights are not finite {when}: {path} was not written")
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-                  "matcher": matcher.state_dict(), **({"ema": ema.state_dict()} if ema else {}),
+                  "matcher": criterion.matcher.state_dict(), **({"ema": ema.state_dict()} if ema else {}),
+                  **({"batch_loss": criterion.batch_loss.state_dict()}
+                     if isinstance(criterion.batch_loss, torch.nn.Module) else {}),
                   **({"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}),
                   **({"partial_epoch": partial_epoch} if partial_epoch else {})}
     write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def restore_matcher(matcher, checkpoint, source):
-    """The matcher's state from a training checkpoint, when it holds one for this matcher."""
-    state = checkpoint.get("matcher", {})
-    if set(state) == set(matcher.state_dict()):
-        matcher.load_state_dict(state)
-    else:
-        print(f"Note: {source} holds no state for this matcher ({type(matcher).__name__}); it starts afresh")
+def restore_criterion(criterion, checkpoint, source):
+    """The criterion's state from a training checkpoint: its matcher's and its batch-level
+    loss's, each when the checkpoint holds one for it."""
+    parts = [("matcher", criterion.matcher)]
+    if isinstance(criterion.batch_loss, torch.nn.Module):
+        parts.append(("batch_loss", criterion.batch_loss))
+    for key, module in parts:
+        state = checkpoint.get(key, {})
+        if set(state) == set(module.state_dict()):
+            module.load_state_dict(state)
+        else:
+            print(f"Note: {source} holds no state for this {key.replace('_', '-')} ({type(module).__name__}); "
+                  f"it starts afresh")
