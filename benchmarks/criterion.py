@@ -29,6 +29,7 @@ SETTINGS = {
     "raw+dap": ["--loss", "raw+dap", "--matcher", "hungarian"],
     # the ranking losses (docs/LOSSES.md), with the upstream matcher
     "ap-loss (hungarian)": ["--loss", "ap", "--matcher", "hungarian"],
+    "alrp-loss (hungarian)": ["--loss", "alrp", "--matcher", "hungarian"],
     "rs-loss (hungarian)": ["--loss", "rs", "--matcher", "hungarian"],
 }
 

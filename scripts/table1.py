@@ -51,6 +51,7 @@ TABLES = {
         ("DETR R50, DAP, AP-cost matcher, momentum", "detr_r50_dap_momentum", (None, None, None)),
         ("DETR R50, raw + DAP", "detr_r50_rawdap", (None, None, None)),
         ("DETR R50, AP-Loss", "detr_r50_ap", (None, None, None)),
+        ("DETR R50, aLRP Loss", "detr_r50_alrp", (None, None, None)),
         ("DETR R50, RS Loss", "detr_r50_rs", (None, None, None)),
         ("Deformable DETR R50, raw", "deformable_r50_raw", (None, None, None)),
         ("Deformable DETR R50, raw at 10x the learning rate", "deformable_r50_raw_lr10", (None, None, None)),
@@ -59,6 +60,7 @@ TABLES = {
         ("Deformable DETR R50, DAP, AP-cost matcher, momentum", "deformable_r50_dap_momentum", (None, None, None)),
         ("Deformable DETR R50, raw + DAP", "deformable_r50_rawdap", (None, None, None)),
         ("Deformable DETR R50, AP-Loss", "deformable_r50_ap", (None, None, None)),
+        ("Deformable DETR R50, aLRP Loss", "deformable_r50_alrp", (None, None, None)),
         ("Deformable DETR R50, RS Loss", "deformable_r50_rs", (None, None, None)),
         ("RT-DETR† R50, raw", "rtdetr_r50_noiou_raw", (None, None, None)),
         ("RT-DETR† R50, raw at 10x the learning rate", "rtdetr_r50_noiou_raw_lr10", (None, None, None)),
@@ -67,6 +69,7 @@ TABLES = {
         ("RT-DETR† R50, DAP, AP-cost matcher, momentum", "rtdetr_r50_noiou_dap_momentum", (None, None, None)),
         ("RT-DETR† R50, raw + DAP", "rtdetr_r50_noiou_rawdap", (None, None, None)),
         ("RT-DETR† R50, AP-Loss", "rtdetr_r50_noiou_ap", (None, None, None)),
+        ("RT-DETR† R50, aLRP Loss", "rtdetr_r50_noiou_alrp", (None, None, None)),
         ("RT-DETR† R50, RS Loss", "rtdetr_r50_noiou_rs", (None, None, None)),
     ],
     "Table 3: DETR R50 trained from scratch": [

@@ -93,10 +93,10 @@ def test_config_is_the_papers_recipe(name, checkpoint_dir):
         expected.update(lr=lr / 10, lr_backbone=lr_backbone / 10, epochs=12, lr_drop=7)
     if flags["loss"] in ("dap", "raw+dap"):
         expected.update(dap_sigma=0.05, dap_num_gt=256, dap_bins=32)
-    if flags["loss"] in ("ap", "rs"):  # the arena: the upstream matcher, the loss's own delta
+    if flags["loss"] in ("ap", "alrp", "rs"):  # the arena: the upstream matcher, the loss's own delta
         expected.update(matcher="hungarian")
         assert "rank_delta" not in flags
-    if flags["loss"] in ("dap", "ap", "rs") and model == "rtdetr":
+    if flags["loss"] in ("dap", "ap", "alrp", "rs") and model == "rtdetr":
         expected.update(no_iou_aware_query_selection=True)
     for key, value in expected.items():
         if key not in swept:
