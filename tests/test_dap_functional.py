@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.dap_functional import (
     COCO_IOU_THRESHOLDS,
@@ -19,6 +18,8 @@ from models.dap_functional import (
     tail_mass,
     weighted_tail_sum,
 )
+
+from conftest import LargestTensor
 
 ALPHAS = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
 
@@ -446,21 +447,6 @@ def test_gradient_signs_are_strict_where_they_should_be():
 
 
 # ---------------------------------------------------------------- complexity
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any operator produces, backward included."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
-
 
 def test_memory_is_linear_in_detections():
     num_pos = num_neg = 10000

@@ -8,9 +8,10 @@ import resource
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.rank_losses import alrp_loss, alrp_loss_terms, ap_loss, rank_sort_loss, rank_sort_loss_terms
+
+from conftest import LargestTensor
 
 DEFAULT_DELTA = {"ap": 1.0, "alrp": 1.0, "rs": 0.5}
 TAU = 0.5
@@ -529,21 +530,6 @@ def test_ap_interpolation_uses_best_precision_below():
 
 
 # ---------------------------------------------------------------- cost
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any operator produces, backward included."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
-
 
 def vectorised_reference(name, pos, ious, neg, w, delta, tau=TAU):
     """The same definitions as the loop references, each sum over the negatives one vector
