@@ -272,8 +272,8 @@ def wrap_for_processes(model, family, args):
 def data_layout(args):
     """What an epoch's batches and the processes' random numbers depend on: a mid-epoch
     checkpoint continues its epoch under the same only."""
-    return {"processes": args.world_size, "--batch_size": args.batch_size, "--accum_iter": args.accum_iter,
-            "--seed": args.seed}
+    return {"processes": args.world_size, "--device": torch.device(args.device).type, "--batch_size": args.batch_size,
+            "--accum_iter": args.accum_iter, "--seed": args.seed}
 
 
 def check_data_layout(partial_epoch, epoch, args):

@@ -144,7 +144,7 @@ def test_stopped_during_evaluation_then_mid_epoch_then_resumed_is_bit_identical(
     saved = load_checkpoint(str(checkpoint))
     partial = saved["partial_epoch"]
     assert saved["epoch"] == 0 and partial["steps_done"] == 2 and len(partial["rng_states"]) == 1
-    assert partial["layout"] == {"processes": 1, "--batch_size": 2, "--accum_iter": 2, "--seed": 42}
+    assert partial["layout"] == {"processes": 1, "--device": "cpu", "--batch_size": 2, "--accum_iter": 2, "--seed": 42}
     assert partial["meters"]["loss"]["count"] == 4  # 2 steps of 2 micro-batches
     assert {"ema", "matcher"} <= set(saved) and saved["matcher"]
     assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
