@@ -2,6 +2,7 @@
 import contextlib
 import json
 import math
+import time
 
 import torch
 
@@ -95,20 +96,42 @@ class AccumulationSteps:
             yield step
 
 
+def learning_rates(optimizer):
+    """The learning rate of every parameter group: 'lr' the first's (the head's and the
+    transformer's), 'lr_groupI' the others' (the backbone's is group 1)."""
+    groups = optimizer.param_groups
+    return {"lr": groups[0]["lr"], **{f"lr_group{i}": group["lr"] for i, group in enumerate(groups) if i}}
+
+
+def precision_tables(criterion):
+    """DAP's precision tables at the epoch's end, lists [10 IoU thresholds][N bins]: the final
+    layer's of the last step and, under --dap_cost_mode momentum, the matcher's. One host read per
+    epoch: the steps only keep the last table."""
+    tables = {}
+    if criterion.final_precision is not None:
+        tables["dap_precision_table"] = criterion.final_precision.tolist()
+    if getattr(criterion.matcher, "mode", None) == "momentum":
+        tables["matcher_precision_table"] = criterion.matcher.precision.tolist()
+    return tables
+
+
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0, print_freq=10,
-                    accum_iter=1, ema=None, iteration_log=None, amp=None, stopped=None):
+                    accum_iter=1, ema=None, iteration_log=None, amp=None, stopped=None, board=None):
     """One epoch; each optimisation step accumulates the gradients of accum_iter batches.
     The criterion normalises every micro-batch by the totals of the whole step, so the step's
     gradient is that of one batch holding all its images (see models/set_criterion.py).
 
     ema: a ModelEMA updated after every optimisation step. iteration_log: a path; one JSON
     line per optimisation step is appended to it (epoch, step, lr and the logged values,
-    averaged over the step's micro-batches). amp: a MixedPrecision (default: disabled).
+    averaged over the step's micro-batches, the gradient norm). amp: a MixedPrecision (default:
+    disabled). board: a util.tensorboard.TrainingBoard; it gets the same values per step, and the
+    step's time.
 
-    Returns (the epoch's averaged statistics, None); or, when the processes agreed to stop on
-    SIGUSR2 (util/preemption.py), (None, where the epoch stopped: {'steps_done', 'meters'}).
-    stopped: that record, from a mid-epoch checkpoint: the epoch goes on from it (the loader
-    leaves out the batches of its steps done: TrainingBatches.set_epoch)."""
+    Returns (the epoch's averaged statistics and DAP's precision tables, None); or, when the
+    processes agreed to stop on SIGUSR2 (util/preemption.py), (None, where the epoch stopped:
+    {'steps_done', 'meters', 'final_precision'}). stopped: that record, from a mid-epoch
+    checkpoint: the epoch goes on from it (the loader leaves out the batches of its steps done:
+    TrainingBatches.set_epoch)."""
     amp = amp or MixedPrecision(device, enabled=False)
     model.train()
     criterion.train()
@@ -118,30 +141,39 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     if stopped is not None:
         metric_logger.load_state_dict(stopped["meters"])
         first_step = stopped["steps_done"]
+        criterion.final_precision = stopped.get("final_precision")  # the epoch may have no step left
     header = f"Epoch: [{epoch}]"
 
     with open(iteration_log, "a") if iteration_log else contextlib.nullcontext() as log_file:
         steps = metric_logger.log_every(AccumulationSteps(data_loader, accum_iter), print_freq, header)
+        step_end = time.perf_counter()
         for step_index, step in enumerate(steps, start=first_step):
             try:
-                step_values, stop = train_step(model, criterion, step, optimizer, device, max_norm, metric_logger,
-                                               amp, epoch)
+                step_values, grad_norm, stop = train_step(model, criterion, step, optimizer, device, max_norm,
+                                                          metric_logger, amp, epoch)
             except TrainingDiverged as err:
                 raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step_index}: {err}") from None
             utils.heartbeat(f"epoch {epoch}, step {step_index}")
             interrupts.check()
             if ema is not None:
                 ema.update(model)
+            averaged = {k: sum(v[k] for v in step_values) / len(step_values) for k in step_values[0]}
+            values = {**learning_rates(optimizer), **averaged, "grad_norm": grad_norm}
             if log_file is not None:
-                averaged = {k: sum(v[k] for v in step_values) / len(step_values) for k in step_values[0]}
-                log_file.write(json.dumps({"epoch": epoch, "step": step_index,
-                                           "lr": optimizer.param_groups[0]["lr"], **averaged}) + "\n")
+                log_file.write(json.dumps({"epoch": epoch, "step": step_index, **values}) + "\n")
+            if board is not None:
+                # host time from one step's end to the next (data loading included); the step's read
+                # of its logged values waits for the device, so this is the device's time too
+                step_start, step_end = step_end, time.perf_counter()
+                board.log_step(epoch, step_index, {**values, "iter_time": step_end - step_start})
             if stop:
-                return None, {"steps_done": step_index + 1, "meters": metric_logger.state_dict()}
+                return None, {"steps_done": step_index + 1, "meters": metric_logger.state_dict(),
+                              "final_precision": criterion.final_precision}
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, None
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    return {**stats, **precision_tables(criterion)}, None
 
 
 def counting_pass(model, criterion, step_samples, step_targets, amp):
@@ -167,10 +199,10 @@ def counting_pass(model, criterion, step_samples, step_targets, amp):
 
 def train_step(model, criterion, step, optimizer, device, max_norm, metric_logger, amp, epoch=None):
     """One optimisation step over its micro-batches, the (samples, targets) pairs of `step`;
-    returns (each micro-batch's logged values, whether any process asked to stop after this step:
-    SIGUSR2, util/preemption.py). The criterion is told the step (StepContext: its micro-batches'
-    targets, the epoch) and, when it has a batch-level loss (DAP, a ranking loss) and the step
-    several micro-batches, the counting pass.
+    returns (each micro-batch's logged values, the gradient norm before clipping, whether any
+    process asked to stop after this step: SIGUSR2, util/preemption.py). The criterion is told
+    the step (StepContext: its micro-batches' targets, the epoch) and, when it has a batch-level
+    loss (DAP, a ranking loss) and the step several micro-batches, the counting pass.
 
     The counting pass skips the last micro-batch: its gradient pass runs first, when the others
     are counted, and its own counts (criterion.score) serve the others' gradient passes. That
@@ -239,8 +271,8 @@ def train_step(model, criterion, step, optimizer, device, max_norm, metric_logge
         metric_logger.update(**values)
     amp.scaler.step(optimizer)  # skipped (and the scale lowered) if a gradient overflowed
     amp.scaler.update()
-    metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-    return step_values, stop
+    metric_logger.update(lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm)
+    return step_values, grad_norm, stop
 
 
 @torch.no_grad()

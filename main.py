@@ -53,6 +53,8 @@ from util.errors import TrainingDiverged, UserInputError
 from util.logs import append_log, drop_log_lines_from, save_coco_eval, write_json
 from util.output_dir import prepare_output_dir
 from util.preemption import Preempted
+from util.tensorboard import installed as tensorboard_installed
+from util.tensorboard import training_board
 
 
 def get_args_parser():
@@ -188,6 +190,10 @@ def get_args_parser():
     parser.add_argument("--print_freq", default=10, type=positive_int, help="iterations between progress lines")
     parser.add_argument("--log_iterations", action="store_true",
                         help="also write iterations.jsonl to --output_dir: the logged values of each optimisation step")
+    parser.add_argument("--tensorboard", dest="tensorboard", action="store_true", default=None,
+                        help="write TensorBoard logs to --output_dir/tb (default: when the tensorboard package is "
+                             "installed)")
+    parser.add_argument("--no_tensorboard", dest="tensorboard", action="store_false")
 
     # distributed training parameters
     parser.add_argument("--world_size", default=1, type=positive_int, help="number of distributed processes")
@@ -225,6 +231,9 @@ def check_args(args):
                              f"does not compute: use --loss dap or raw+dap, or --dap_cost_mode constant")
     FAMILIES[args.model].check_args(args)
     args.eval_backend = resolve_eval_backend(args.eval_backend)
+    if args.tensorboard and not tensorboard_installed():
+        raise UserInputError("--tensorboard needs the tensorboard package: pip install tensorboard, or leave out "
+                             "--tensorboard")
     if args.finetune and args.resume:
         raise UserInputError("--finetune and --resume are exclusive: --resume restores a whole training state")
     if args.finetune_drop_class_head and not args.finetune:
@@ -442,36 +451,43 @@ def train(args, run, sampler_train, data_loader_train, data_loader_val, base_ds,
     start_time = time.time()
     n_parameters = run.n_parameters
     log_stats = {}
-    for epoch in range(args.start_epoch, args.epochs):
-        begin_epoch(epoch, partial_epoch, sampler_train, args)
-        iteration_log = (output_dir / "iterations.jsonl"
-                         if args.log_iterations and output_dir and utils.is_main_process() else None)
-        try:
-            train_stats, stopped = train_one_epoch(run.model, run.criterion, data_loader_train, run.optimizer,
-                                                   run.device, epoch, args.clip_max_norm, print_freq=args.print_freq,
-                                                   accum_iter=args.accum_iter, ema=run.ema,
-                                                   iteration_log=iteration_log, amp=run.amp, stopped=partial_epoch)
-        except TrainingDiverged as err:
-            raise TrainingDiverged(f"{err}; {resume_hint(args)} (its weights are finite); lower --lr or clip "
-                                   "harder (--clip_max_norm)") from None
-        partial_epoch = None
-        if stopped is not None:
-            save_partial_epoch(output_dir, epoch, stopped, run, args)
-            steps = math.ceil(sampler_train.batches_per_epoch / args.accum_iter)
-            raise Preempted(f"stopped on SIGUSR2 in epoch {epoch} after {stopped['steps_done']} of its {steps} "
-                            f"steps; {resume_hint(args)}")
-        run.lr_scheduler.step()
+    steps_per_epoch = math.ceil(sampler_train.batches_per_epoch / args.accum_iter)
+    # TensorBoard's x axis: the optimisation steps done before this process's first
+    first_step = args.start_epoch * steps_per_epoch + (partial_epoch["steps_done"] if partial_epoch else 0)
+    with training_board(args, output_dir, steps_per_epoch, first_step) as board:
+        for epoch in range(args.start_epoch, args.epochs):
+            begin_epoch(epoch, partial_epoch, sampler_train, args)
+            iteration_log = (output_dir / "iterations.jsonl"
+                             if args.log_iterations and output_dir and utils.is_main_process() else None)
+            try:
+                train_stats, stopped = train_one_epoch(
+                    run.model, run.criterion, data_loader_train, run.optimizer, run.device, epoch, args.clip_max_norm,
+                    print_freq=args.print_freq, accum_iter=args.accum_iter, ema=run.ema, iteration_log=iteration_log,
+                    amp=run.amp, stopped=partial_epoch, board=board)
+            except TrainingDiverged as err:
+                raise TrainingDiverged(f"{err}; {resume_hint(args)} (its weights are finite); lower --lr or clip "
+                                       "harder (--clip_max_norm)") from None
+            partial_epoch = None
+            if stopped is not None:
+                if board is not None:
+                    board.flush()  # the steps the checkpoint keeps are on disk before it
+                save_partial_epoch(output_dir, epoch, stopped, run, args)
+                raise Preempted(f"stopped on SIGUSR2 in epoch {epoch} after {stopped['steps_done']} of its "
+                                f"{steps_per_epoch} steps; {resume_hint(args)}")
+            run.lr_scheduler.step()
 
-        test_stats, coco_evaluator = evaluate(run.eval_model, run.criterion, run.postprocessors, data_loader_val,
-                                              base_ds, run.device, print_freq=args.print_freq,
-                                              eval_backend=args.eval_backend)
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                     **{f"test_{k}": v for k, v in test_stats.items()},
-                     "epoch": epoch, "n_parameters": n_parameters}
-        if output_dir is not None:
-            save_epoch(output_dir, epoch, log_stats, coco_evaluator, run, args)
-        if epoch + 1 < args.epochs and preemption.requested_anywhere():
-            raise Preempted(f"stopped on SIGUSR2 after epoch {epoch}; {resume_hint(args)}")
+            test_stats, coco_evaluator = evaluate(run.eval_model, run.criterion, run.postprocessors, data_loader_val,
+                                                  base_ds, run.device, print_freq=args.print_freq,
+                                                  eval_backend=args.eval_backend)
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                         **{f"test_{k}": v for k, v in test_stats.items()},
+                         "epoch": epoch, "n_parameters": n_parameters}
+            if board is not None:  # before the checkpoint: an epoch logged twice is redone and replaced
+                board.log_epoch(epoch, log_stats)
+            if output_dir is not None:
+                save_epoch(output_dir, epoch, log_stats, coco_evaluator, run, args)
+            if epoch + 1 < args.epochs and preemption.requested_anywhere():
+                raise Preempted(f"stopped on SIGUSR2 after epoch {epoch}; {resume_hint(args)}")
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return log_stats
 

@@ -140,6 +140,9 @@ class BaseSetCriterion(nn.Module):
         self.weight_dict = weight_dict
         self.losses = losses
         self.batch_loss = batch_loss
+        # DAP's final-layer precision table [K, N] of the last training step, detached and left on
+        # the device: the engine reads it once at the epoch's end (its log and TensorBoard).
+        self.final_precision = None
 
     @property
     def needs_counting_pass(self):
@@ -275,9 +278,10 @@ class BaseSetCriterion(nn.Module):
         # layer gives it (the ranking losses have no table).
         update = getattr(self.matcher, "update_precision", None)
         final = results.get(FINAL_LAYER)
-        if self.training and update is not None and final is not None and final.precision is not None \
-                and step.is_last:
-            update(final.precision)
+        if self.training and final is not None and final.precision is not None and step.is_last:
+            self.final_precision = final.precision
+            if update is not None:
+                update(final.precision)
         return losses, {name: result.record for name, result in results.items()}
 
     @torch.no_grad()

@@ -112,7 +112,7 @@ def test_train_checkpoint_resume_eval(synthetic_coco, tmp_path):
                                           "train_class_error", "test_loss", "train_lr"))
     # checkpoint.pth every epoch; checkpoint0001.pth before the lr drop at epoch 2
     # (and the folder's lock, util/output_dir.py)
-    assert sorted(os.listdir(straight)) == [".lock", "checkpoint.pth", "checkpoint0001.pth", "eval", "log.txt"]
+    assert sorted(os.listdir(straight)) == [".lock", "checkpoint.pth", "checkpoint0001.pth", "eval", "log.txt", "tb"]
     ckpt = load_checkpoint(os.path.join(straight, "checkpoint.pth"))
     assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "epoch", "args", "matcher"} and ckpt["epoch"] == 2
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)  # dropped once

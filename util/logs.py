@@ -9,6 +9,9 @@ import torch
 from util.misc import is_main_process
 from util.output_dir import write_atomically
 
+# The 12 numbers of COCOeval.summarize(), in its order (log.txt's test_coco_eval_bbox).
+COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
 
 def append_log(path, record):
     """Add one JSON line to path (the whole file rewritten atomically: log.txt is small)."""

@@ -15,7 +15,7 @@ from util.errors import UserInputError
 
 LOCK_FILE = ".lock"
 # What a training run leaves in its folder; --overwrite removes them.
-RUN_FILES = ("log.txt", "iterations.jsonl", "checkpoint.pth", "eval")
+RUN_FILES = ("log.txt", "iterations.jsonl", "checkpoint.pth", "eval", "tb")
 TEMPORARY_SUFFIX = ".tmp"
 
 
