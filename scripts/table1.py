@@ -80,7 +80,9 @@ TABLES = {
 }
 ABLATIONS = ("ablation_bins", "ablation_sigma", "ablation_batch")
 LEGEND = ("Each cell: ours (reference, ours - reference). Reference = the paper's number; for a "
-          "released checkpoint, the number published with it. † = without IoU-aware query selection.")
+          "released checkpoint, the number published with it. † = without IoU-aware query selection. "
+          "To compare runs in detail (training losses, AP per epoch, precision-recall curves, the 12 COCO "
+          "numbers): `python -m util.plot_utils OUTPUT_ROOT/NAME_A OUTPUT_ROOT/NAME_B --out compare.png`.")
 
 
 def measured(folder, epochs):
