@@ -271,7 +271,9 @@ def train_step(model, criterion, step, optimizer, device, max_norm, metric_logge
         metric_logger.update(**values)
     amp.scaler.step(optimizer)  # skipped (and the scale lowered) if a gradient overflowed
     amp.scaler.update()
-    metric_logger.update(lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm)
+    metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+    if math.isfinite(grad_norm):  # a step the GradScaler skipped has no gradient to average in
+        metric_logger.update(grad_norm=grad_norm)
     return step_values, grad_norm, stop
 
 

@@ -5,6 +5,7 @@ That accumulation gives the gradients of one batch is tested in test_dap_distrib
 criterion) and test_main.py (end to end). Also: what a training step reads back to the host."""
 import collections
 import copy
+import math
 import os
 import traceback
 import warnings
@@ -84,13 +85,14 @@ class SquaredError(nn.Module):
         return {"loss_sq": self.factor * ((outputs["pred"] - 1) ** 2).sum()}
 
 
-def one_step(amp, factor=1.0, max_norm=0.0):
+def one_step(amp, factor=1.0, max_norm=0.0, metric_logger=None):
     torch.manual_seed(0)
     model = Scale()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     step = [(torch.tensor([1.0, 2.0, -1.0]), [{"image_id": torch.tensor([0])}]),
             (torch.tensor([0.5, 1.0, 2.0]), [{"image_id": torch.tensor([1])}])]  # two micro-batches
-    train_step(model, SquaredError(factor), step, optimizer, "cpu", max_norm, utils.MetricLogger(), amp)
+    train_step(model, SquaredError(factor), step, optimizer, "cpu", max_norm, metric_logger or utils.MetricLogger(),
+               amp)
     return model.w.detach()
 
 
@@ -105,10 +107,15 @@ def test_scaled_step_is_the_plain_step(max_norm):
 
 
 def test_overflowing_step_is_skipped_and_the_scale_lowered():
-    # A finite loss whose scaled gradient overflows float32: no update, half the scale.
+    # A finite loss whose scaled gradient overflows float32: no update, half the scale; its
+    # infinite gradient norm stays out of the epoch's average.
     amp = MixedPrecision("cpu", enabled=True, use_scaler=True)
-    assert torch.equal(one_step(amp, factor=1e34), torch.tensor([0.5, -2.0, 3.0]))
+    meters = utils.MetricLogger()
+    assert torch.equal(one_step(amp, factor=1e34, metric_logger=meters), torch.tensor([0.5, -2.0, 3.0]))
     assert amp.scaler.get_scale() == 2.0 ** 15
+    assert "grad_norm" not in meters.meters
+    one_step(amp, metric_logger=meters)
+    assert math.isfinite(meters.meters["grad_norm"].global_avg)
 
 
 def test_amp_trains_detr_with_dap_in_bfloat16_on_the_cpu(synthetic_coco, tmp_path):
