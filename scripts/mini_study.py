@@ -2,9 +2,9 @@
 and raw DETR losses at several learning rates, from the same checkpoints, over several seeds.
 
     python -m scripts.mini_study            # whole study: about 80 min on 2 shared CPU cores
-    python -m scripts.mini_study --quick    # DETR only, one seed pair, 7 arms, no ablations: about 3-4 min
+    python -m scripts.mini_study --quick    # DETR only, one seed pair, 7 arms, no ablations: about 3.5 min
                                             # (the README demo)
-    python -m scripts.mini_study --smoke    # a handful of tiny images: about a minute (what the tests run)
+    python -m scripts.mini_study --smoke    # a handful of tiny images: about 40 s (what the tests run)
 
 1. generate a synthetic COCO-format dataset (datasets/synthetic.py);
 2. pretrain each tiny detector (DETR, Deformable DETR) with the raw losses, once per pretraining
@@ -24,9 +24,10 @@ Sizes: full = 2 models x 10 arms x (3 pretraining x 2 fine-tuning seeds) = 120 f
 (docs/RESULTS.md, run.json: pretraining 470 s DETR / 320 s Deformable DETR, a fine-tuning run
 45 s / 55 s, one thread each, two runs at a time on 2 cores): 40 min of pretraining, 100 min of
 fine-tuning and 8 min of ablations summed over the runs, about 75-80 min wall with --jobs 2.
-quick = DETR, 1 x 1 seed pair, arms raw, raw 10x, DAP constant, DAP momentum, raw + DAP, AP-Loss,
-RS Loss: 1 pretraining and 7 fine-tuning runs. smoke = both models, every arm, 2 x 1 seed pairs
-on 8 images of 64 px.
+quick = DETR, 1 x 1 seed pair, arms raw, raw 10x, DAP constant, DAP momentum, raw + DAP,
+AP-Loss, RS Loss: 1 pretraining and 7 fine-tuning runs (a ranking-loss run takes as long as a
+raw one): about 3.5 min alone on 2 cores (estimated), 4.6 min measured with other jobs sharing
+them. smoke = both models, every arm, 2 x 1 seed pairs on 8 images of 64 px.
 
 An arm whose --loss main.py does not accept (yet) is skipped with a note. Every run is main.py
 with flags (its folder keeps log.txt, eval/latest.pth and stdout.txt). A run whose folder holds
