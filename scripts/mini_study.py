@@ -140,11 +140,15 @@ def finetune_seed(pretrain_seed, seed):
 # ----------------------------------------------------------------------------- runs
 
 class Run:
-    """One main.py training run into its own folder."""
+    """One main.py training run into its own folder. keep_checkpoint: whether its checkpoints stay
+    once it has finished; the study reads only the logs and eval/ of a fine-tuning run, and its
+    checkpoint (about 100 MB: weights and optimizer state) times the 130 runs of the full study
+    would fill a disk."""
 
-    def __init__(self, run_dir, flags):
+    def __init__(self, run_dir, flags, keep_checkpoint=False):
         self.dir = Path(run_dir)
         self.flags = [str(f) for f in flags] + ["--output_dir", str(self.dir)]
+        self.keep_checkpoint = keep_checkpoint
 
     def finished(self):
         """A finished run with these flags is already in the folder (run.json is written last)."""
@@ -178,6 +182,9 @@ def execute(run, threads):
     with open(run.dir / "stdout.txt", "w") as out, contextlib.redirect_stdout(out):
         detr_main.main(parse_flags(run.flags))
     seconds = time.time() - start
+    if not run.keep_checkpoint:
+        for checkpoint in run.dir.glob("checkpoint*.pth"):
+            checkpoint.unlink()
     (run.dir / "run.json").write_text(json.dumps({"flags": run.flags, "seconds": seconds}))
     return seconds
 
@@ -268,7 +275,8 @@ def plan(preset, out, data_dir, num_classes):
     # learning rate x0.1 for the last fifth; the seed changes the initialisation and data order
     pretrain = {(m, p): Run(out / "pretrain" / f"{m}_seed{p}", MODELS[m][1] + common + [
         "--epochs", epochs, "--lr_drop", max(epochs * 4 // 5, 1), "--batch_size", MODELS[m][2]["batch_size"],
-        "--lr", MODELS[m][2]["lr"], "--lr_backbone", MODELS[m][2]["lr_backbone"], "--seed", p])
+        "--lr", MODELS[m][2]["lr"], "--lr_backbone", MODELS[m][2]["lr_backbone"], "--seed", p],
+        keep_checkpoint=True)  # every fine-tuning run starts from it
         for m in preset["models"] for p in preset["pretrain_seeds"]}
 
     def finetune(model, arm, p, f, extra=()):

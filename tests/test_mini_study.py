@@ -258,6 +258,8 @@ def test_smoke_evaluates_every_arm_and_writes_the_tables_and_plots(smoke):
         rows = run.rows()
         assert len(rows) == 1 and len(rows[0]["test_coco_eval_bbox"]) == 12
         assert (run.dir / "eval" / "latest.pth").is_file()
+        # only the pretraining checkpoints stay (the fine-tuning ones would fill a disk)
+        assert (run.dir / "checkpoint.pth").is_file() == (run in study.pretrain.values()), run.dir
     # the pretraining seed changes the checkpoint
     for m in MODELS:
         assert study.pretrain[(m, 0)].rows()[0]["train_loss"] != study.pretrain[(m, 1)].rows()[0]["train_loss"]
