@@ -165,7 +165,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
                 # host time from one step's end to the next (data loading included); the step's read
                 # of its logged values waits for the device, so this is the device's time too
                 step_start, step_end = step_end, time.perf_counter()
-                board.log_step(epoch, step_index, {**values, "iter_time": step_end - step_start})
+                board.log_step({**values, "iter_time": step_end - step_start})
             if stop:
                 return None, {"steps_done": step_index + 1, "meters": metric_logger.state_dict(),
                               "final_precision": criterion.final_precision}

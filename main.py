@@ -300,17 +300,18 @@ def check_data_layout(partial_epoch, epoch, args):
 def restore(args, finetune, resume, model, criterion, optimizer, lr_scheduler, amp):
     """Load the --finetune checkpoint (weights only) and the --resume one (the whole training
     state, unless --eval); either may be None. Returns the record of the epoch a mid-epoch
-    checkpoint stopped in (save_partial_epoch), else None."""
+    checkpoint stopped in (save_partial_epoch), else None, and the optimisation steps the resumed
+    run had done (None: not resumed, or a checkpoint from before they were kept)."""
     if finetune is not None:
         drop = model.class_head_prefixes if args.finetune_drop_class_head else ()
         fit_state_dict(model, model_state_from_checkpoint(finetune, args.finetune), source=args.finetune,
                        drop_prefixes=drop)
         print(f"Fine-tuning from {args.finetune}" + (" (class head re-initialised)" if drop else ""))
     if resume is None:
-        return None
+        return None, None
     fit_state_dict(model, model_state_from_checkpoint(resume, args.resume), source=args.resume)
     if args.eval or not all(k in resume for k in ("optimizer", "lr_scheduler", "epoch")):
-        return None
+        return None, None
     partial_epoch = resume.get("partial_epoch")
     if partial_epoch is not None:
         check_data_layout(partial_epoch, resume["epoch"] + 1, args)
@@ -326,7 +327,7 @@ def restore(args, finetune, resume, model, criterion, optimizer, lr_scheduler, a
     if args.output_dir and utils.is_main_process():
         for log_name in ("log.txt", "iterations.jsonl"):
             drop_log_lines_from(Path(args.output_dir) / log_name, args.start_epoch, steps_done)
-    return partial_epoch
+    return partial_epoch, resume.get("steps_done")
 
 
 @dataclass
@@ -343,6 +344,7 @@ class Run:
     amp: MixedPrecision
     ema: ModelEMA | None
     partial_epoch: dict | None  # from a mid-epoch --resume checkpoint: where its epoch stopped
+    steps_done: int | None  # optimisation steps since the run began; None: not known from --resume
 
     @property
     def n_parameters(self):
@@ -354,7 +356,7 @@ class Run:
 
     def checkpoint_state(self, epoch, args):
         return (self.model_without_ddp, self.criterion, self.optimizer, self.lr_scheduler, epoch, args,
-                self.ema, self.amp.scaler)
+                self.ema, self.amp.scaler, self.steps_done)
 
 
 def setup(args):
@@ -383,13 +385,14 @@ def build_run(args, device):
         model_without_ddp = model.module
     optimizer, lr_scheduler = build_optimizer(family.param_groups(model_without_ddp, args), args)
     amp = MixedPrecision(device, args.amp)
-    partial_epoch = restore(args, finetune, resume, model_without_ddp, criterion, optimizer, lr_scheduler, amp)
+    partial_epoch, steps_done = restore(args, finetune, resume, model_without_ddp, criterion, optimizer,
+                                        lr_scheduler, amp)
     # The average starts from the restored weights (a copy made now), or from the checkpoint's.
     ema = ModelEMA(model_without_ddp, args.ema_decay, args.ema_warmups) if args.ema else None
     if ema is not None and resume is not None and "ema" in resume:
         ema.load_state_dict(resume["ema"])
     run = Run(family, device, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, amp, ema,
-              partial_epoch)
+              partial_epoch, steps_done)
     print("number of params:", run.n_parameters)
     return run
 
@@ -452,10 +455,11 @@ def train(args, run, sampler_train, data_loader_train, data_loader_val, base_ds,
     n_parameters = run.n_parameters
     log_stats = {}
     steps_per_epoch = math.ceil(sampler_train.batches_per_epoch / args.accum_iter)
-    # TensorBoard's x axis: the optimisation steps done before this process's first
-    first_step = args.start_epoch * steps_per_epoch + (partial_epoch["steps_done"] if partial_epoch else 0)
-    with training_board(args, output_dir, steps_per_epoch, first_step) as board:
+    if run.steps_done is None:  # a fresh run, or a checkpoint that did not keep the count
+        run.steps_done = args.start_epoch * steps_per_epoch + (partial_epoch["steps_done"] if partial_epoch else 0)
+    with training_board(args, output_dir, run.steps_done) as board:
         for epoch in range(args.start_epoch, args.epochs):
+            first_step_of_epoch = partial_epoch["steps_done"] if partial_epoch else 0
             begin_epoch(epoch, partial_epoch, sampler_train, args)
             iteration_log = (output_dir / "iterations.jsonl"
                              if args.log_iterations and output_dir and utils.is_main_process() else None)
@@ -468,6 +472,7 @@ def train(args, run, sampler_train, data_loader_train, data_loader_val, base_ds,
                 raise TrainingDiverged(f"{err}; {resume_hint(args)} (its weights are finite); lower --lr or clip "
                                        "harder (--clip_max_norm)") from None
             partial_epoch = None
+            run.steps_done += (stopped["steps_done"] if stopped is not None else steps_per_epoch) - first_step_of_epoch
             if stopped is not None:
                 if board is not None:
                     board.flush()  # the steps the checkpoint keeps are on disk before it

@@ -114,7 +114,8 @@ def test_train_checkpoint_resume_eval(synthetic_coco, tmp_path):
     # (and the folder's lock, util/output_dir.py)
     assert sorted(os.listdir(straight)) == [".lock", "checkpoint.pth", "checkpoint0001.pth", "eval", "log.txt", "tb"]
     ckpt = load_checkpoint(os.path.join(straight, "checkpoint.pth"))
-    assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "epoch", "args", "matcher"} and ckpt["epoch"] == 2
+    assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "epoch", "args", "matcher", "steps_done"}
+    assert ckpt["epoch"] == 2
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)  # dropped once
 
     # Interrupted after 2 epochs, then resumed: the same weights as the uninterrupted run.

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main as detr_main
@@ -129,6 +130,18 @@ def test_killed_then_stopped_mid_epoch_continues_the_same_curves(synthetic_coco,
 
     run(flags + resume)
     assert_board_matches_logs(tmp_path, epochs=3)
+
+
+def test_a_run_resumed_with_another_batch_size_goes_on_from_its_steps_done(synthetic_coco, tmp_path):
+    """The x axis counts the optimisation steps done (kept in the checkpoint), not epoch x steps
+    per epoch: epoch 0 at batch 2 (4 steps), epoch 1 resumed at batch 4 (2 steps) is at 4 and 5."""
+    flags = data_flags(synthetic_coco) + ["--output_dir", str(tmp_path), "--log_iterations"]
+    run(flags + ["--epochs", "1"])
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["steps_done"] == STEPS_PER_EPOCH
+    run(flags + ["--epochs", "2", "--batch_size", "4", "--resume", str(tmp_path / "checkpoint.pth")])
+    assert [step for step, _ in scalars(events(tmp_path), "step/loss")] == list(range(STEPS_PER_EPOCH + 2))
+    assert [step for step, _ in scalars(events(tmp_path), "coco/AP")] == [STEPS_PER_EPOCH - 1, STEPS_PER_EPOCH + 1]
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["steps_done"] == STEPS_PER_EPOCH + 2
 
 
 def test_only_rank_0_writes(synthetic_coco, tmp_path):

@@ -123,12 +123,13 @@ def fit_state_dict(model, state_dict, source="checkpoint", drop_prefixes=()):
 
 
 def save_checkpoint(path, model, criterion, optimizer, lr_scheduler, epoch, args, ema=None, scaler=None,
-                    partial_epoch=None):
+                    steps_done=None, partial_epoch=None):
     """Write a training checkpoint from the main process, atomically (util.output_dir), so a job
     killed mid-write leaves the last good file. 'epoch' is the last epoch finished; 'matcher'
     holds the matcher's state (the DAP momentum precision table; empty otherwise), 'batch_loss'
     the batch-level loss's where it has one (aLRP's self-balancing weight); 'ema' and
-    'scaler' (the GradScaler of --amp on CUDA) are there when in use, and 'partial_epoch' in a
+    'scaler' (the GradScaler of --amp on CUDA) are there when in use; 'steps_done', the
+    optimisation steps done since the run began (the logs' x axis); and 'partial_epoch' in a
     mid-epoch checkpoint: how far the next epoch got (main.save_partial_epoch)."""
     if not is_main_process():
         return
@@ -142,6 +143,7 @@ def save_checkpoint(path, model, criterion, optimizer, lr_scheduler, epoch, args
                   **({"batch_loss": criterion.batch_loss.state_dict()}
                      if isinstance(criterion.batch_loss, torch.nn.Module) else {}),
                   **({"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}),
+                  **({"steps_done": steps_done} if steps_done is not None else {}),
                   **({"partial_epoch": partial_epoch} if partial_epoch else {})}
     write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 

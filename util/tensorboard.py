@@ -4,10 +4,11 @@ copies, learning rates, DAP's value and mean precision, gradient norm) and the s
 every epoch's end the numbers of its log.txt line (the 12 COCO numbers by name, the evaluation
 losses) and DAP's precision tables as heat maps.
 
-The x axis is the global step, the optimisation steps done since the run began (epoch x steps
-per epoch + step); an epoch's values sit at its last step. A resumed run opens the writer with
-purge_step at its first step: TensorBoard drops whatever an earlier process wrote from there on
-(the steps it redoes), so the curves go on without a duplicated step.
+The x axis is the global step, the optimisation steps done since the run began (counted, and
+kept in the checkpoints, so a run resumed with another batch layout goes on from the right
+step); an epoch's values sit at its last step. A resumed run opens the writer with purge_step at
+its first step: TensorBoard drops whatever an earlier process wrote from there on (the steps it
+redoes), so the curves go on without a duplicated step.
 """
 import contextlib
 import importlib
@@ -29,25 +30,22 @@ def installed():
 
 
 class TrainingBoard:
-    def __init__(self, log_dir, steps_per_epoch, first_step):
+    def __init__(self, log_dir, first_step):
         from torch.utils.tensorboard import SummaryWriter
-        self.steps_per_epoch = steps_per_epoch
+        self.next_step = first_step  # the global step of the next optimisation step
         self.writer = SummaryWriter(str(log_dir), purge_step=first_step)
 
-    def global_step(self, epoch, step):
-        return epoch * self.steps_per_epoch + step
-
-    def log_step(self, epoch, step, values):
-        """One optimisation step's values, {name: number}, as scalars 'step/<name>'."""
-        global_step = self.global_step(epoch, step)
+    def log_step(self, values):
+        """The next optimisation step's values, {name: number}, as scalars 'step/<name>'."""
         for name, value in values.items():
-            self.writer.add_scalar(f"step/{name}", value, global_step)
+            self.writer.add_scalar(f"step/{name}", value, self.next_step)
+        self.next_step += 1
 
     def log_epoch(self, epoch, log_stats):
         """An epoch's log.txt line: its numbers as 'epoch/<name>', the COCO numbers as
         'coco/<AP...>', the precision tables ('..._table') as heat-map images 'dap/<name>'.
         Written to disk now: the epoch's checkpoint follows."""
-        global_step = self.global_step(epoch + 1, 0) - 1
+        global_step = self.next_step - 1  # the epoch's last step
         for name, value in log_stats.items():
             if name in NOT_LOGGED:
                 continue
@@ -69,7 +67,7 @@ class TrainingBoard:
 
 
 @contextlib.contextmanager
-def training_board(args, output_dir, steps_per_epoch, first_step):
+def training_board(args, output_dir, first_step):
     """The run's TrainingBoard (closed at the end), or None: on ranks other than 0, without
     --output_dir, with --no_tensorboard, or without the tensorboard package (said once; an
     explicit --tensorboard without it is refused by main.check_args)."""
@@ -80,7 +78,7 @@ def training_board(args, output_dir, steps_per_epoch, first_step):
         print("TensorBoard logging is off: the tensorboard package is not installed (pip install tensorboard)")
         yield None
         return
-    board = TrainingBoard(output_dir / "tb", steps_per_epoch, first_step)
+    board = TrainingBoard(output_dir / "tb", first_step)
     try:
         yield board
     finally:
