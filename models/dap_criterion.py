@@ -22,7 +22,7 @@ from .dap_functional import (
 from .matcher import matched_pairs
 
 
-def gather_detections(outputs, targets, indices, activation, neg_topk=100, log_odds=False):
+def gather_detections(outputs, targets, indices, activation, neg_topk=100, log_odds=False, pairs=None):
     """Positive scores and IoUs and negative scores of one decoder layer (docs/DAP.md, "Positives
     and negatives").
 
@@ -37,10 +37,11 @@ def gather_detections(outputs, targets, indices, activation, neg_topk=100, log_o
     Returns (pos_scores [P], pos_ious [P], neg_scores [M], neg_weights [M]): the negatives are
     a fixed-size set, every query (softmax) or the top k pairs of every image (sigmoid), and
     neg_weights is 1 where the entry is a negative and 0 where it is a positive; compacting them
-    would read their number back to the host.
+    would read their number back to the host. pairs: matched_pairs(targets, indices), when the
+    caller has them already.
     """
     logits = outputs["pred_logits"]
-    pairs = matched_pairs(targets, indices)
+    pairs = pairs if pairs is not None else matched_pairs(targets, indices)
     batch_idx, query_idx, labels = pairs.image, pairs.query, pairs.labels
 
     pred_boxes = outputs["pred_boxes"][batch_idx, query_idx].float()

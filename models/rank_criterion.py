@@ -50,9 +50,9 @@ def gather_ranked(layer, activation, neg_topk):
     """The detections of a layer as the ranking losses see them: gather_detections' positives
     and negatives in log-odds, and each positive's GIoU loss. The tensors of a RankRecord,
     attached to the graph."""
-    pos_scores, pos_ious, neg_scores, neg_weights = gather_detections(
-        layer.outputs, layer.targets, layer.indices, activation, neg_topk, log_odds=True)
     pairs = matched_pairs(layer.targets, layer.indices)
+    pos_scores, pos_ious, neg_scores, neg_weights = gather_detections(
+        layer.outputs, layer.targets, layer.indices, activation, neg_topk, log_odds=True, pairs=pairs)
     giou = box_ops.paired_generalized_box_iou(
         box_ops.box_cxcywh_to_xyxy(layer.outputs["pred_boxes"][pairs.index].float()),
         box_ops.box_cxcywh_to_xyxy(pairs.boxes.float()))
