@@ -38,7 +38,8 @@ def gather_detections(outputs, targets, indices, activation, neg_topk=100, log_o
     a fixed-size set, every query (softmax) or the top k pairs of every image (sigmoid), and
     neg_weights is 1 where the entry is a negative and 0 where it is a positive; compacting them
     would read their number back to the host. pairs: matched_pairs(targets, indices), when the
-    caller has them already.
+    caller has them already. A softmax head's probabilities are exp(log_softmax): from
+    outputs["pred_log_probs"] where the criterion computed them for its classification loss too.
     """
     logits = outputs["pred_logits"]
     pairs = pairs if pairs is not None else matched_pairs(targets, indices)
@@ -51,14 +52,19 @@ def gather_detections(outputs, targets, indices, activation, neg_topk=100, log_o
     if activation == "softmax":
         neg_weights = torch.ones(logits.shape[:2], dtype=torch.float32, device=logits.device)
         neg_weights[batch_idx, query_idx] = 0.0
+        logits = logits.float()
+        # One score per query: for the ground truth's class where the query is matched (its
+        # negative entry weighs 0), for its best foreground class otherwise.
+        scored_class = logits[..., :-1].detach().argmax(-1).index_put((batch_idx, query_idx), labels)  # [B, Q]
         if log_odds:
-            logits = logits.float()
-            pos_scores = softmax_log_odds(logits[batch_idx, query_idx], labels)
-            neg_scores = softmax_log_odds(logits, logits[..., :-1].detach().argmax(-1))
+            neg_scores = softmax_log_odds(logits, scored_class)
         else:
-            probs = class_probabilities(logits, activation)  # [B, Q, C]
-            pos_scores = probs[batch_idx, query_idx, labels]
-            neg_scores = probs.max(-1).values
+            # p = exp(log_softmax), read with one gather: the backward is one scatter into the
+            # [B, Q, C + 1] table.
+            log_probs = outputs.get("pred_log_probs")
+            log_probs = logits.log_softmax(-1) if log_probs is None else log_probs
+            neg_scores = log_probs.gather(-1, scored_class.unsqueeze(-1)).squeeze(-1).exp()
+        pos_scores = neg_scores[batch_idx, query_idx]
     else:
         scores = logits.float() if log_odds else class_probabilities(logits, activation)  # [B, Q, C]
         pos_scores = scores[batch_idx, query_idx, labels]

@@ -76,7 +76,11 @@ class SetCriterion(BaseSetCriterion):
         # Upstream's weighted mean, sum(w_i * ce_i) / sum(w_i), with sum(w_i) taken over the whole
         # step like num_boxes: identical on one process without accumulation, and the loss of the
         # global batch under data parallelism instead of a mean of per-process means.
-        ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight, reduction="sum")
+        log_probs = outputs.get("pred_log_probs")  # given where DAP reads them too (set_criterion)
+        if log_probs is None:
+            ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight, reduction="sum")
+        else:
+            ce = F.nll_loss(log_probs.flatten(0, 1), target_classes.flatten(), self.empty_weight, reduction="sum")
         losses = {"loss_ce": ce / totals["class_weight"]}
         if log:
             losses["class_error"] = 100 - accuracy(src_logits[idx], target_classes_o)[0]

@@ -23,6 +23,10 @@ them in for the other micro-batches. ``step.final_call`` marks the step's last c
 named by the suffix of their loss keys ('' for the final layer, '_0', '_enc', '_aux_1', '_dn_0',
 ...), and records are keyed by that name. The AP-cost matcher's momentum table moves once per
 step, after the step's last call.
+
+Where a layer's classification loss and DAP both read a softmax head's probabilities (raw+dap on
+DETR), the criterion adds ``pred_log_probs``, the layer's float32 log_softmax, to the outputs it
+hands both: each reads it instead of computing its own.
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -240,8 +244,13 @@ class BaseSetCriterion(nn.Module):
             indices = layer.indices if layer.indices is not None else step.counted_matching(layer.name)
             if indices is None:
                 indices = self.matcher(layer.outputs, layer.targets)
+            outputs = layer.outputs
+            if with_batch_loss and raw_losses and "labels" in layer.losses and self.batch_loss.activation == "softmax":
+                # The classification loss and DAP both read the softmax (raw+dap): one
+                # log_softmax per layer and one backward through it, not one each.
+                outputs = {**outputs, "pred_log_probs": outputs["pred_logits"].float().log_softmax(-1)}
             if with_batch_loss:
-                batch_layers.append(DAPLayer(layer.name, layer.outputs, layer.targets, indices,
+                batch_layers.append(DAPLayer(layer.name, outputs, layer.targets, indices,
                                              final=layer.name == FINAL_LAYER))
             if not raw_losses:
                 continue
@@ -250,7 +259,7 @@ class BaseSetCriterion(nn.Module):
                 if with_batch_loss and name == self.batch_loss.name:
                     continue
                 kwargs = self.aux_layer_kwargs.get(name, {}) if layer.name != FINAL_LAYER else {}
-                layer_losses = self.get_loss(name, layer.outputs, layer.targets, indices, layer_totals, **kwargs)
+                layer_losses = self.get_loss(name, outputs, layer.targets, indices, layer_totals, **kwargs)
                 losses.update({k + layer.name: v for k, v in layer_losses.items()})
         # The batch-level loss once for all its layers: they are computed together.
         results = {}

@@ -238,6 +238,42 @@ def test_dap_set_criterion(loss, num_gt):
         assert all(g.abs().sum() > 0 for g in grads)
 
 
+class OpCounter(TorchDispatchMode):
+    """How many times each operator ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_raw_plus_dap_shares_one_log_softmax_per_layer():
+    """Under raw+dap on DETR the cross-entropy and DAP read one log_softmax per layer; the
+    weighted loss and its gradients are those of the two criteria computed apart."""
+    criterion = build_criterion("--loss", "raw+dap", "--dap_bins", "16", "--dap_sigma", "0.1")
+    raw_criterion = build_criterion("--loss", "raw")
+    dap_criterion_alone = build_criterion("--loss", "dap", "--dap_bins", "16", "--dap_sigma", "0.1")
+    outputs, targets = three_layers(3)
+    leaves = [t for _, layer in layer_items(outputs) for t in (layer["pred_logits"], layer["pred_boxes"])]
+
+    with OpCounter() as counter:
+        losses = criterion(outputs, targets)
+    # (the Hungarian matcher's softmax, one per layer, has no gradient)
+    assert counter.calls.get("_log_softmax") == 3 and counter.calls.get("_softmax") == 3
+
+    def weighted(crit, values):
+        return sum(values[k] * w for k, w in crit.weight_dict.items() if k in values)
+    grads = torch.autograd.grad(weighted(criterion, losses), leaves)
+    apart = weighted(raw_criterion, raw_criterion(outputs, targets)) + weighted(
+        dap_criterion_alone, dap_criterion_alone(outputs, targets))
+    for got, want in zip(grads, torch.autograd.grad(apart, leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 class HostReads(TorchDispatchMode):
     """The operators that make the host wait for the device: reading a value back (item, float,
     bool), and those whose output size depends on the data (nonzero, boolean-mask indexing)."""
