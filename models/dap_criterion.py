@@ -14,7 +14,6 @@ from util.misc import is_dist_avail_and_initialized
 
 from .dap_functional import (
     COCO_IOU_THRESHOLDS,
-    class_probabilities,
     differentiable_ap_terms,
     localisation_sum,
     safe_divide,
@@ -66,17 +65,25 @@ def gather_detections(outputs, targets, indices, activation, neg_topk=100, log_o
             neg_scores = log_probs.gather(-1, scored_class.unsqueeze(-1)).squeeze(-1).exp()
         pos_scores = neg_scores[batch_idx, query_idx]
     else:
-        scores = logits.float() if log_odds else class_probabilities(logits, activation)  # [B, Q, C]
-        pos_scores = scores[batch_idx, query_idx, labels]
-        # Rank the pairs on detached scores with the positives pushed below every real score,
-        # then weigh out what was not a negative (k may exceed the number of negatives).
-        ranking = scores.detach().clone()
+        logits = logits.float()
+        # Rank the pairs on the detached logits (the order of the probabilities) with the
+        # positives pushed below every real one, then weigh out what was not a negative (k may
+        # exceed the number of negatives).
+        ranking = logits.detach().clone()
         ranking[batch_idx, query_idx, labels] = -math.inf
         ranking = ranking.flatten(1)
         k = ranking.shape[1] if neg_topk <= 0 else min(neg_topk, ranking.shape[1])
         top_values, top_idx = ranking.topk(k, dim=1)
-        neg_scores = scores.flatten(1).gather(1, top_idx)
         neg_weights = (top_values > -math.inf).float()
+        # Score only the positives and the top k: one index_select from the flat logits (its
+        # backward one index_add), not a sigmoid of the whole [B, Q, C] table.
+        pairs_per_image = ranking.shape[1]
+        flat_idx = torch.cat([(batch_idx * logits.shape[1] + query_idx) * logits.shape[2] + labels,
+                              (top_idx + pairs_per_image * torch.arange(len(top_idx), device=top_idx.device)[:, None])
+                              .flatten()])
+        scores = logits.reshape(-1).index_select(0, flat_idx)
+        scores = scores if log_odds else scores.sigmoid()
+        pos_scores, neg_scores = scores[:len(batch_idx)], scores[len(batch_idx):]
     return pos_scores, pos_ious, neg_scores.flatten(), neg_weights.flatten()
 
 
