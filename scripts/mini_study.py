@@ -367,14 +367,14 @@ def summarize_differences(diffs, confidence=CONFIDENCE):
                 pairs=len(diffs))
 
 
-def verdict(ci):
+def verdict(ci, reference="raw's best"):
     """Whether the interval excludes zero."""
     if ci is None:
         return "no interval (one seed pair)"
     if ci[0] > 0:
-        return "survives (above raw's best)"
+        return f"survives (above {reference})"
     if ci[1] < 0:
-        return "survives (below raw's best)"
+        return f"survives (below {reference})"
     return "does not survive (CI includes 0)"
 
 
@@ -435,6 +435,12 @@ def table_finetuning(study):
     return "\n".join(lines)
 
 
+def grouped_differences(study, diffs):
+    """The paired differences per seed pair, '/' between pretraining seeds."""
+    return " / ".join(", ".join(signed(diffs[(p, f)]) for f in study.preset["finetune_seeds"])
+                      for p in study.preset["pretrain_seeds"])
+
+
 def table_paired(study):
     """ΔAP = AP(arm) − AP(raw's best) per seed pair; its mean, 95 % t-interval, the pairs better
     than raw's best and whether the interval excludes 0; one row per model and arm but raw's best."""
@@ -447,12 +453,36 @@ def table_paired(study):
             if arm == best:
                 continue
             diffs = paired_differences(study, m, arm, best)
-            # grouped by pretraining seed: '/' between pretraining seeds
-            groups = " / ".join(", ".join(signed(diffs[(p, f)]) for f in study.preset["finetune_seeds"])
-                                for p in study.preset["pretrain_seeds"])
             s = summarize_differences(diffs)
-            lines.append(f"| {MODELS[m][0]} | {ARMS[arm][0]} | {groups} | {interval(s)} | "
+            lines.append(f"| {MODELS[m][0]} | {ARMS[arm][0]} | {grouped_differences(study, diffs)} | {interval(s)} | "
                          f"{s['better']} of {s['pairs']} | {verdict(s['ci'])} |")
+    return "\n".join(lines)
+
+
+DAP_ARMS = ("dap_hungarian", "dap_constant", "dap_momentum")
+RANKING_ARMS = ("ap", "rs", "alrp")
+
+
+def head_to_head_comparisons(study):
+    """(arm, reference) pairs present in the study: each DAP arm against each ranking loss, then
+    every AP-style arm against raw at the same (the recipe's) learning rate."""
+    pairs = [(d, r) for d in DAP_ARMS for r in RANKING_ARMS]
+    pairs += [(a, "raw") for a in (*DAP_ARMS, "raw+dap", *RANKING_ARMS)]
+    return [(a, r) for a, r in pairs if a in study.arm_names and r in study.arm_names]
+
+
+def table_head_to_head(study):
+    """The paired method of table_paired, arm against arm (head_to_head_comparisons)."""
+    pct = f"{CONFIDENCE:.0%}"
+    lines = [f"| model | fine-tuning | against | ΔAP per seed pair | mean ΔAP [{pct} CI] | pairs better | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for m in study.preset["models"]:
+        for arm, reference in head_to_head_comparisons(study):
+            diffs = paired_differences(study, m, arm, reference)
+            s = summarize_differences(diffs)
+            lines.append(f"| {MODELS[m][0]} | {ARMS[arm][0]} | {ARMS[reference][0]} | "
+                         f"{grouped_differences(study, diffs)} | {interval(s)} | {s['better']} of {s['pairs']} | "
+                         f"{verdict(s['ci'], ARMS[reference][0])} |")
     return "\n".join(lines)
 
 
@@ -721,6 +751,16 @@ def write_results(path, preset_name, study, command, data_info, plots, timings):
         table_paired(study),
         "AP50 and AP75, the same pairs and method (raw's best chosen on AP):",
         table_paired_ap50_ap75(study),
+    ]
+    if head_to_head_comparisons(study):
+        sections += [
+            "## DAP against the ranking losses, and every AP-style loss against raw at its learning rate",
+            "The same paired method, arm against arm. Every DAP and ranking-loss arm runs at the recipe's learning "
+            "rate; DAP with the Hungarian matcher against a ranking loss (also with the Hungarian matcher) "
+            "compares the losses alone. Against raw: raw at the same learning rate, not raw's best.",
+            table_head_to_head(study),
+        ]
+    sections += [
         "## How much the absolute numbers move across pretraining runs",
         "AP per pretraining seed (mean over its fine-tuning seeds), its spread across pretraining seeds and, "
         "for comparison, the spread across fine-tuning seeds of the same checkpoint. The first is what moves "

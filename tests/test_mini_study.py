@@ -232,6 +232,26 @@ def test_tables_from_hand_computed_values():
     assert spread[4] == "| DETR | raw, 3x learning rate | 11.5, 13.0, 10.5 | 1.26 | 2.50 | 0.58 |"
 
 
+def test_head_to_head_table_from_hand_computed_values():
+    """DAP against each ranking loss present, and the AP-style arms against raw at 1x."""
+    study = fake_study()
+    assert mini_study.head_to_head_comparisons(study) == [("dap_constant", "ap"), ("dap_constant", "raw"),
+                                                          ("ap", "raw")]
+    table = mini_study.table_head_to_head(study).splitlines()
+    assert len(table) == 2 + 3
+    # dap - ap per pair 0, 3 / 3, 5 / 2, 3: per pretraining seed 1.5, 4, 2.5, mean 2.67, s 1.258,
+    # half-width 3.126
+    assert table[2] == "| DETR | DAP, constant matcher | AP-Loss | +0.0, +3.0 / +3.0, +5.0 / +2.0, +3.0 | " \
+                       "+2.7 [-0.5, +5.8] | 5 of 6 | does not survive (CI includes 0) |"
+    # dap - raw: per pretraining seed 3, 4, 5: mean 4, s 1, half-width 4.3027 / sqrt(3) = 2.484
+    assert table[3] == "| DETR | DAP, constant matcher | raw | +2.0, +4.0 / +3.0, +5.0 / +5.0, +5.0 | " \
+                       "+4.0 [+1.5, +6.5] | 6 of 6 | survives (above raw) |"
+    assert table[4].startswith("| DETR | AP-Loss | raw | +2.0, +1.0 / +0.0, +0.0 / +3.0, +2.0 | +1.3 [-1.8, +4.5] | "
+                               "4 of 6 |")
+    # without a ranking loss or DAP arm there is nothing to compare (and no section)
+    assert mini_study.head_to_head_comparisons(fake_study({k: OVER_BEST[k] for k in ("raw", "raw_lr3")})) == []
+
+
 def test_method_text_names_the_units_of_the_interval():
     text = mini_study.method_text(fake_study())
     assert "averaged over the 2 fine-tuning seed(s) of each pretraining seed" in text
