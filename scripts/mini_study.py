@@ -1,7 +1,7 @@
 """CPU mini-study, the ranking-loss arena: fine-tuning with DAP-loss, the earlier ranking losses
 and raw DETR losses at several learning rates, from the same checkpoints, over several seeds.
 
-    python -m scripts.mini_study            # whole study: about 80 min on 2 shared CPU cores
+    python -m scripts.mini_study            # whole study: about 85 min on 2 quiet CPU cores
     python -m scripts.mini_study --quick    # DETR only, one seed pair, 7 arms, no ablations: about 3.5 min
                                             # (the README demo)
     python -m scripts.mini_study --smoke    # a handful of tiny images: about 40 s (what the tests run)
@@ -20,10 +20,9 @@ and raw DETR losses at several learning rates, from the same checkpoints, over s
    into --out.
 
 Sizes: full = 2 models x 10 arms x (3 pretraining x 2 fine-tuning seeds) = 120 fine-tuning runs,
-6 pretraining runs, 11 ablation runs. Estimated from the run times of the earlier study
-(docs/RESULTS.md, run.json: pretraining 470 s DETR / 320 s Deformable DETR, a fine-tuning run
-45 s / 55 s, one thread each, two runs at a time on 2 cores): 40 min of pretraining, 100 min of
-fine-tuning and 8 min of ablations summed over the runs, about 75-80 min wall with --jobs 2.
+6 pretraining runs, 11 ablation runs. Measured (docs/RESULTS.md; one thread each, two runs at a
+time on 2 cores): a fine-tuning run 47-53 s (DETR) / 65-72 s (Deformable DETR), a pretraining run
+7-12 min; 114 min wall with other jobs sharing the cores for about half of it, about 85 min alone.
 quick = DETR, 1 x 1 seed pair, arms raw, raw 10x, DAP constant, DAP momentum, raw + DAP,
 AP-Loss, RS Loss: 1 pretraining and 7 fine-tuning runs (a ranking-loss run takes as long as a
 raw one): about 3.5 min alone on 2 cores (estimated), 4.6 min measured with other jobs sharing
