@@ -5,7 +5,9 @@
 
 Only the loss side is timed (matching, loss, backward into the head outputs): the detector is
 the same under every loss. Prints the time per iteration of each setting, its ratio to raw,
-and the peak memory on CUDA. Settings are timed round-robin and the median is reported.
+and the peak memory on CUDA. Settings are timed round-robin and the median is reported; the
+ratio of each round (a setting's time over raw's in the same round) is summarised too, as its
+median and quartiles, which machine drifts between rounds do not move.
 """
 import argparse
 import statistics
@@ -98,7 +100,8 @@ def main():
         s = SCALES[model]
         print(f"\n{model}: {s['images']} images x {s['queries']} queries x {s['num_classes']} classes, "
               f"{s['boxes']} boxes per image, {s['layers']} decoder layers")
-        print("| setting | ms / iteration | ratio to raw | peak memory (MiB) |\n| --- | --- | --- | --- |")
+        print("| setting | ms / iteration | ratio to raw | per-round ratio: median [quartiles] | peak memory (MiB) |\n"
+              "| --- | --- | --- | --- | --- |")
         criteria = {name: build_criterion(model, flags, opts.device) for name, flags in SETTINGS.items()}
         inputs = make_inputs(model, opts.device)
         times = {name: [] for name in SETTINGS}
@@ -109,10 +112,12 @@ def main():
                 if repeat:  # the first round is a warm-up
                     times[name].append(elapsed)
         medians = {name: statistics.median(t) for name, t in times.items()}
+        ratios = environment.paired_ratios(times, "raw")
         for name, criterion in criteria.items():
             peak = peak_memory(criterion, *inputs, opts.device)
-            print(f"| {name} | {1000 * medians[name]:.1f} | {medians[name] / medians['raw']:.2f} | {peak:.0f} |",
-                  flush=True)
+            median, q1, q3 = ratios[name]
+            print(f"| {name} | {1000 * medians[name]:.1f} | {medians[name] / medians['raw']:.2f} | "
+                  f"{median:.2f} [{q1:.2f}, {q3:.2f}] | {peak:.0f} |", flush=True)
     print(environment.footer())
 
 

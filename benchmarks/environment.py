@@ -5,6 +5,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -74,3 +75,16 @@ def header(device):
 
 def footer():
     return f"after: {load_average()}"
+
+
+def paired_ratios(times, reference):
+    """times: {setting: [seconds per round]} from settings timed round-robin. Each round's time
+    over the reference setting's in the same round, summarised as (median, lower quartile,
+    upper quartile) per setting: the settings of one round ran on about the same machine state,
+    so the ratio of a round cancels the slow drifts that move the medians of separate runs."""
+    out = {}
+    for name, seconds in times.items():
+        ratios = [t / r for t, r in zip(seconds, times[reference], strict=True)]
+        q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+        out[name] = (median, q1, q3)
+    return out

@@ -37,3 +37,15 @@ def test_step_profile_times_every_phase_of_a_real_step(tmp_path):
         # model whose boxes miss every object: L̂(0) = 0 and nothing is a true positive)
         moved = any(not torch.equal(a, b) for a, b in zip(before, setting.model.parameters()))
         assert moved or loss == "dap"
+
+
+def test_paired_ratios_are_taken_round_by_round():
+    # the machine slows down 3x in the last two rounds: medians of separate settings would give
+    # 2.0 / 1.0 = 2 for "b", the per-round ratio is 1.5 in every round
+    times = {"raw": [1.0, 1.0, 1.0, 3.0, 3.0], "b": [1.5, 1.5, 1.5, 4.5, 4.5],
+             "c": [1.0, 2.0, 3.0, 12.0, 15.0]}
+    ratios = environment.paired_ratios(times, "raw")
+    assert ratios["raw"] == (1.0, 1.0, 1.0)
+    assert ratios["b"] == (1.5, 1.5, 1.5)
+    assert ratios["c"] == (3.0, 2.0, 4.0)  # ratios 1, 2, 3, 4, 5
+    assert environment.paired_ratios({"raw": [2.0], "b": [3.0]}, "raw")["b"] == (1.5, 1.5, 1.5)
