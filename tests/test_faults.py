@@ -581,7 +581,9 @@ def test_torchrun_bad_flag_stops_both_ranks(base_data):
     process = torchrun(tiny(*base_data, "--dap_bins", "0"))
     _, err = process.communicate(timeout=300)
     assert process.returncode != 0
-    assert err.count("error: argument --dap_bins: must be a positive integer") == 2
+    # Each rank refuses the flag before any work; torchrun stops the other rank as soon as one
+    # exits, which can be before that one has parsed its flags: one or two refusals, no hang.
+    assert 1 <= err.count("error: argument --dap_bins: must be a positive integer") <= 2
 
 
 def worker_pids(process, count=2, timeout=120):
