@@ -5,8 +5,9 @@ and against one batch holding all the images (model forward + backward + optimiz
     python -m benchmarks.accumulation --device cuda
     python -m benchmarks.accumulation --device cpu --size 256 --repeats 3
 
-Prints the time per optimisation step of each setting and its ratio to raw with accumulation;
-settings are timed round-robin and the median is reported.
+Prints the time per optimisation step of each setting (median over rounds) and its ratio to raw
+with accumulation, both as a ratio of medians and round by round (median and quartiles of each
+round's ratio): settings are timed round-robin.
 """
 import argparse
 import statistics
@@ -77,18 +78,16 @@ def main():
     print(f"DETR {opts.backbone}, {opts.size} px images, 4 images per step, {opts.repeats} repeats")
     runs = {name: (build(flags, opts), make_step(images, micro, opts))
             for name, (flags, images, micro) in SETTINGS.items()}
-    times = {name: [] for name in runs}
-    # Round-robin over the settings, median over repeats: drifts in machine load hit all alike.
-    for repeat in range(opts.repeats + 1):
-        for name, ((model, criterion, optimizer), step) in runs.items():
-            elapsed = step_time(model, criterion, optimizer, step, opts)
-            if repeat:  # the first round is a warm-up
-                times[name].append(elapsed)
+    times = environment.round_robin(runs, lambda run: step_time(*run[0], run[1], opts), opts.repeats)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    base = medians["raw, 2 x 2 accumulated"]
-    print("| setting | ms / step | ratio to raw, 2 x 2 accumulated |\n| --- | --- | --- |")
+    reference = "raw, 2 x 2 accumulated"
+    ratios = environment.paired_ratios(times, reference)
+    print(f"| setting | ms / step | ratio to {reference} | per-round ratio: median [quartiles] |\n"
+          "| --- | --- | --- | --- |")
     for name, median in medians.items():
-        print(f"| {name} | {1000 * median:.0f} | {median / base:.2f} |")
+        ratio, q1, q3 = ratios[name]
+        print(f"| {name} | {1000 * median:.0f} | {median / medians[reference]:.2f} | "
+              f"{ratio:.2f} [{q1:.2f}, {q3:.2f}] |")
     print(environment.footer())
 
 

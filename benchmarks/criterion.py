@@ -104,13 +104,8 @@ def main():
               "| --- | --- | --- | --- | --- |")
         criteria = {name: build_criterion(model, flags, opts.device) for name, flags in SETTINGS.items()}
         inputs = make_inputs(model, opts.device)
-        times = {name: [] for name in SETTINGS}
-        # Round-robin over the settings, median over repeats: drifts in machine load hit all alike.
-        for repeat in range(opts.repeats + 1):
-            for name, criterion in criteria.items():
-                elapsed = step_time(criterion, *inputs, opts.device)
-                if repeat:  # the first round is a warm-up
-                    times[name].append(elapsed)
+        times = environment.round_robin(
+            criteria, lambda criterion, inputs=inputs: step_time(criterion, *inputs, opts.device), opts.repeats)
         medians = {name: statistics.median(t) for name, t in times.items()}
         ratios = environment.paired_ratios(times, "raw")
         for name, criterion in criteria.items():

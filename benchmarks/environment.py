@@ -77,6 +77,19 @@ def footer():
     return f"after: {load_average()}"
 
 
+def round_robin(settings, measure, repeats):
+    """{name: [seconds per round]}: measure(setting) for every setting in turn, repeats + 1
+    rounds, the first a warm-up left out. Interleaving the settings makes a drift in the
+    machine's load hit all of them alike (and paired_ratios can then cancel it)."""
+    times = {name: [] for name in settings}
+    for round_ in range(repeats + 1):
+        for name, setting in settings.items():
+            seconds = measure(setting)
+            if round_:
+                times[name].append(seconds)
+    return times
+
+
 def paired_ratios(times, reference):
     """times: {setting: [seconds per round]} from settings timed round-robin. Each round's time
     over the reference setting's in the same round, summarised as (median, lower quartile,

@@ -49,3 +49,15 @@ def test_paired_ratios_are_taken_round_by_round():
     assert ratios["b"] == (1.5, 1.5, 1.5)
     assert ratios["c"] == (3.0, 2.0, 4.0)  # ratios 1, 2, 3, 4, 5
     assert environment.paired_ratios({"raw": [2.0], "b": [3.0]}, "raw")["b"] == (1.5, 1.5, 1.5)
+
+
+def test_round_robin_interleaves_the_settings_and_drops_the_warm_up_round():
+    calls = []
+
+    def measure(setting):
+        calls.append(setting)
+        return float(len(calls))
+
+    times = environment.round_robin({"a": "A", "b": "B"}, measure, repeats=2)
+    assert calls == ["A", "B"] * 3
+    assert times == {"a": [3.0, 5.0], "b": [4.0, 6.0]}  # round 0 (calls 1 and 2) left out
