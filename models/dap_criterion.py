@@ -18,10 +18,10 @@ from .dap_functional import (
     localisation_sum,
     safe_divide,
 )
-from .matcher import matched_pairs
+from .matcher import MatchedPairs
 
 
-def gather_detections(outputs, targets, indices, activation, neg_topk=100, log_odds=False, pairs=None):
+def gather_detections(outputs, pairs, activation, neg_topk=100, log_odds=False):
     """Positive scores and IoUs and negative scores of one decoder layer (docs/DAP.md, "Positives
     and negatives").
 
@@ -36,12 +36,11 @@ def gather_detections(outputs, targets, indices, activation, neg_topk=100, log_o
     Returns (pos_scores [P], pos_ious [P], neg_scores [M], neg_weights [M]): the negatives are
     a fixed-size set, every query (softmax) or the top k pairs of every image (sigmoid), and
     neg_weights is 1 where the entry is a negative and 0 where it is a positive; compacting them
-    would read their number back to the host. pairs: matched_pairs(targets, indices), when the
-    caller has them already. A softmax head's probabilities are exp(log_softmax): from
+    would read their number back to the host. pairs: the layer's matching, matched_pairs(targets,
+    indices). A softmax head's probabilities are exp(log_softmax): from
     outputs["pred_log_probs"] where the criterion computed them for its classification loss too.
     """
     logits = outputs["pred_logits"]
-    pairs = pairs if pairs is not None else matched_pairs(targets, indices)
     batch_idx, query_idx, labels = pairs.image, pairs.query, pairs.labels
 
     pred_boxes = outputs["pred_boxes"][batch_idx, query_idx].float()
@@ -135,11 +134,12 @@ class CountReducer:
 
 class DAPLayer(NamedTuple):
     """One layer to score with DAP-loss (or a ranking loss): its name (the suffix of its loss
-    keys), outputs, targets and matching, and whether it is the final layer."""
+    keys), outputs, matching (indices, and its pairs with their targets: matched_pairs), and
+    whether it is the final layer."""
     name: str
     outputs: dict
-    targets: list
     indices: list
+    pairs: MatchedPairs
     final: bool = False
 
 
@@ -198,7 +198,7 @@ class DAPLoss:
         counting pass gives the step's other micro-batches. Returns {layer name: DAPLayerResult}."""
         shares = totals["shares"]
         num_gt = self.num_gt if self.num_gt is not None else totals["num_matched"] * shares
-        gathered = {layer.name: gather_detections(layer.outputs, layer.targets, layer.indices, self.activation,
+        gathered = {layer.name: gather_detections(layer.outputs, layer.pairs, self.activation,
                                                   self.neg_topk) for layer in layers}
         others = {}
         for layer in layers:

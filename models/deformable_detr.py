@@ -17,7 +17,6 @@ from .backbone import build_backbone
 from .deformable_transformer import build_deformable_transformer
 from .family import DetectorFamily, num_classes_for, param_groups_by_name
 from .layers import MLP, get_clones
-from .matcher import matched_pairs
 from .postprocess import TopKPostProcess
 from .set_criterion import BaseSetCriterion, Layer, build_criterion, set_losses, sigmoid_focal_loss, with_aux_weights
 
@@ -150,11 +149,10 @@ class SetCriterion(BaseSetCriterion):
         super().__init__(num_classes, matcher, weight_dict, losses, batch_loss)
         self.focal_alpha = focal_alpha
 
-    def loss_labels(self, outputs, targets, indices, totals, log=True):
+    def loss_labels(self, outputs, targets, pairs, totals, log=True):
         """Focal loss over every (query, class); a matched query's target is its ground
         truth's class, every other target is 0. Normalised by num_boxes."""
         src_logits = outputs["pred_logits"]
-        pairs = matched_pairs(targets, indices)
         idx, target_classes_o = pairs.index, pairs.labels
         target_onehot = torch.zeros_like(src_logits)
         target_onehot[idx + (target_classes_o,)] = 1

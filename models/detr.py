@@ -8,7 +8,6 @@ from util.misc import NestedTensor, accuracy, nested_tensor_from_tensor_list
 from .backbone import build_backbone
 from .family import DetectorFamily, num_classes_for, param_groups_by_name
 from .layers import MLP
-from .matcher import matched_pairs
 from .postprocess import PostProcess
 from .set_criterion import BaseSetCriterion, build_criterion, set_losses, with_aux_weights
 from .transformer import build_transformer
@@ -64,10 +63,9 @@ class SetCriterion(BaseSetCriterion):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
-    def loss_labels(self, outputs, targets, indices, totals, log=True):
+    def loss_labels(self, outputs, targets, pairs, totals, log=True):
         """Weighted cross-entropy over all queries; unmatched ones target the "no object" class."""
         src_logits = outputs["pred_logits"]
-        pairs = matched_pairs(targets, indices)
         idx, target_classes_o = pairs.index, pairs.labels
         target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64,
                                     device=src_logits.device)

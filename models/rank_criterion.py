@@ -21,7 +21,6 @@ from util import box_ops
 from util.misc import get_world_size, is_dist_avail_and_initialized
 
 from .dap_criterion import gather_detections
-from .matcher import matched_pairs
 from .rank_losses import alrp_loss_terms, ap_loss, rank_sort_loss_terms
 
 RANKING_LOSSES = ("ap", "alrp", "rs")
@@ -50,9 +49,9 @@ def gather_ranked(layer, activation, neg_topk):
     """The detections of a layer as the ranking losses see them: gather_detections' positives
     and negatives in log-odds, and each positive's GIoU loss. The tensors of a RankRecord,
     attached to the graph."""
-    pairs = matched_pairs(layer.targets, layer.indices)
-    pos_scores, pos_ious, neg_scores, neg_weights = gather_detections(
-        layer.outputs, layer.targets, layer.indices, activation, neg_topk, log_odds=True, pairs=pairs)
+    pairs = layer.pairs
+    pos_scores, pos_ious, neg_scores, neg_weights = gather_detections(layer.outputs, pairs, activation, neg_topk,
+                                                                      log_odds=True)
     giou = box_ops.paired_generalized_box_iou(
         box_ops.box_cxcywh_to_xyxy(layer.outputs["pred_boxes"][pairs.index].float()),
         box_ops.box_cxcywh_to_xyxy(pairs.boxes.float()))

@@ -20,7 +20,6 @@ from util.misc import NestedTensor, nested_tensor_from_tensor_list, scaled_size
 from .denoising import denoising_match_indices
 from .family import DetectorFamily
 from .hybrid_encoder import HybridEncoder
-from .matcher import matched_pairs
 from .postprocess import TopKPostProcess
 from .presnet import build_presnet
 from .rtdetr_decoder import RTDETRDecoder
@@ -105,11 +104,10 @@ class RTDETRCriterion(BaseSetCriterion):
         one_hot[pairs.index + (pairs.labels,)] = 1.0
         return one_hot
 
-    def loss_vfl(self, outputs, targets, indices, totals):
+    def loss_vfl(self, outputs, targets, pairs, totals):
         """Varifocal loss: BCE towards the matched box's IoU (detached) at its class and 0
         elsewhere; negatives weighted by alpha * p**gamma, positives by their target IoU."""
         logits = outputs["pred_logits"]
-        pairs = matched_pairs(targets, indices)
         idx, one_hot = pairs.index, self._one_hot_targets(logits, pairs)
         ious = box_ops.paired_box_iou(box_ops.box_cxcywh_to_xyxy(outputs["pred_boxes"][idx]),
                                       box_ops.box_cxcywh_to_xyxy(pairs.boxes)).detach()
@@ -122,11 +120,11 @@ class RTDETRCriterion(BaseSetCriterion):
         # has no denoising queries.
         return {"loss_vfl": loss.sum() / totals["num_boxes"]}
 
-    def loss_focal(self, outputs, targets, indices, totals):
+    def loss_focal(self, outputs, targets, pairs, totals):
         """Sigmoid focal loss towards the one-hot class of the matched queries (RT-DETR's
         classification loss without IoU awareness)."""
         logits = outputs["pred_logits"]
-        one_hot = self._one_hot_targets(logits, matched_pairs(targets, indices))
+        one_hot = self._one_hot_targets(logits, pairs)
         loss = sigmoid_focal_loss(logits, one_hot, totals["num_boxes"], alpha=self.alpha, gamma=self.gamma)
         return {"loss_focal": loss * logits.shape[1]}
 

@@ -161,20 +161,19 @@ class BaseSetCriterion(nn.Module):
     def loss_map(self):
         return {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes}
 
-    def loss_labels(self, outputs, targets, indices, totals, log=True):
+    def loss_labels(self, outputs, targets, pairs, totals, log=True):
         raise NotImplementedError
 
     @torch.no_grad()
-    def loss_cardinality(self, outputs, targets, indices, totals):
+    def loss_cardinality(self, outputs, targets, pairs, totals):
         """Mean absolute error of the number of predicted objects; for logging only."""
         pred_logits = outputs["pred_logits"]
         tgt_lengths = torch.tensor([len(t["labels"]) for t in targets]).to(pred_logits.device, non_blocking=True)
         card_pred = (pred_logits.argmax(-1) != pred_logits.shape[-1] - 1).sum(1)
         return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths.float())}
 
-    def loss_boxes(self, outputs, targets, indices, totals):
+    def loss_boxes(self, outputs, targets, pairs, totals):
         """L1 and generalized-IoU losses of the matched boxes, normalised by num_boxes."""
-        pairs = matched_pairs(targets, indices)
         src_boxes = outputs["pred_boxes"][pairs.index]
         target_boxes = pairs.boxes
 
@@ -225,11 +224,11 @@ class BaseSetCriterion(nn.Module):
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
             yield Layer(f"_{i}", aux_outputs, targets, self.losses)
 
-    def get_loss(self, loss, outputs, targets, indices, totals, **kwargs):
+    def get_loss(self, loss, outputs, targets, pairs, totals, **kwargs):
         loss_map = self.loss_map()
         if loss not in loss_map:
             raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(loss_map)}")
-        return loss_map[loss](outputs, targets, indices, totals, **kwargs)
+        return loss_map[loss](outputs, targets, pairs, totals, **kwargs)
 
     def compute(self, outputs, targets, step, raw_losses=True):
         """Score every layer. Returns (losses, batch-level loss results per layer name).
@@ -244,13 +243,16 @@ class BaseSetCriterion(nn.Module):
             indices = layer.indices if layer.indices is not None else step.counted_matching(layer.name)
             if indices is None:
                 indices = self.matcher(layer.outputs, layer.targets)
+            # The matched pairs with their targets, made once for all the layer's losses: one
+            # host-to-device copy of the matching per layer.
+            pairs = matched_pairs(layer.targets, indices)
             outputs = layer.outputs
             if with_batch_loss and raw_losses and "labels" in layer.losses and self.batch_loss.activation == "softmax":
                 # The classification loss and DAP both read the softmax (raw+dap): one
                 # log_softmax per layer and one backward through it, not one each.
                 outputs = {**outputs, "pred_log_probs": outputs["pred_logits"].float().log_softmax(-1)}
             if with_batch_loss:
-                batch_layers.append(DAPLayer(layer.name, outputs, layer.targets, indices,
+                batch_layers.append(DAPLayer(layer.name, outputs, indices, pairs,
                                              final=layer.name == FINAL_LAYER))
             if not raw_losses:
                 continue
@@ -259,7 +261,7 @@ class BaseSetCriterion(nn.Module):
                 if with_batch_loss and name == self.batch_loss.name:
                     continue
                 kwargs = self.aux_layer_kwargs.get(name, {}) if layer.name != FINAL_LAYER else {}
-                layer_losses = self.get_loss(name, outputs, layer.targets, indices, layer_totals, **kwargs)
+                layer_losses = self.get_loss(name, outputs, layer.targets, pairs, layer_totals, **kwargs)
                 losses.update({k + layer.name: v for k, v in layer_losses.items()})
         # The batch-level loss once for all its layers: they are computed together.
         results = {}

@@ -10,12 +10,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from main import get_args_parser
 from models import build_model, dap_criterion
+from models import matcher as matcher_module
 from models.dap_criterion import DAPLayer, DAPLoss, gather_detections
 from models.dap_functional import (
     class_probabilities,
     differentiable_ap,
     differentiable_ap_terms,
 )
+from models.matcher import matched_pairs
 from models.set_criterion import StepContext
 from util import box_ops
 
@@ -102,7 +104,7 @@ def test_gather_detections_matches_brute_force(activation, neg_topk, seed):
             outputs["pred_logits"][b, src, targets[b]["labels"][tgt]] = 6.0
     for t in outputs.values():
         t.requires_grad_()
-    pos_s, pos_u, all_neg, neg_w = gather_detections(outputs, targets, indices, activation, neg_topk)
+    pos_s, pos_u, all_neg, neg_w = gather_detections(outputs, matched_pairs(targets, indices), activation, neg_topk)
     ref_pos, ref_neg = ref_gather(outputs, targets, indices, activation, neg_topk)
 
     assert pos_s.dtype == pos_u.dtype == all_neg.dtype == neg_w.dtype == torch.float32
@@ -141,7 +143,7 @@ def test_gather_detections_matches_brute_force(activation, neg_topk, seed):
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
 def test_gather_detections_without_any_target(activation):
     outputs, targets, indices = random_layer(0, target_counts=(0, 0), num_logits=5)
-    pos_s, pos_u, neg_s, neg_w = gather_detections(outputs, targets, indices, activation, neg_topk=0)
+    pos_s, pos_u, neg_s, neg_w = gather_detections(outputs, matched_pairs(targets, indices), activation, neg_topk=0)
     assert pos_s.shape == pos_u.shape == (0,) and bool((neg_w == 1).all())
     probs = class_probabilities(outputs["pred_logits"], activation)
     expected = probs.max(-1).values if activation == "softmax" else probs
@@ -151,7 +153,7 @@ def test_gather_detections_without_any_target(activation):
 def test_gather_detections_scores_in_float32_under_mixed_precision():
     outputs, targets, indices = random_layer(1)
     half = {"pred_logits": outputs["pred_logits"].bfloat16(), "pred_boxes": outputs["pred_boxes"].bfloat16()}
-    pos_s, pos_u, neg_s, _ = gather_detections(half, targets, indices, "softmax")
+    pos_s, pos_u, neg_s, _ = gather_detections(half, matched_pairs(targets, indices), "softmax")
     assert pos_s.dtype == pos_u.dtype == neg_s.dtype == torch.float32
     # softmax of the bfloat16 logits evaluated in float32, not rounded to bfloat16
     exact = outputs["pred_logits"].bfloat16().float().softmax(-1)
@@ -219,15 +221,15 @@ def test_dap_set_criterion(loss, num_gt):
     assert losses["loss_dap"].item() == -losses["dap_value"].item()
     for suffix, layer in layer_items(outputs):
         indices = criterion.matcher(layer, targets)
-        terms = differentiable_ap_terms(*gather_detections(layer, targets, indices, "softmax", 100), num_bins=16,
-                                        sigma=0.1, num_gt=num_gt or None)
+        detections = gather_detections(layer, matched_pairs(targets, indices), "softmax", 100)
+        terms = differentiable_ap_terms(*detections, num_bins=16, sigma=0.1, num_gt=num_gt or None)
         torch.testing.assert_close(losses["loss_dap" + suffix], -terms.dap)
         if not suffix:
             torch.testing.assert_close(losses["dap_precision"], terms.precision.mean())
     # --dap_num_gt 0 divides by the five positives, not by a fixed G.
     if num_gt == 0:
-        fixed = differentiable_ap(*gather_detections(outputs, targets, criterion.matcher(outputs, targets),
-                                                     "softmax"), num_bins=16, sigma=0.1, num_gt=6)
+        detections = gather_detections(outputs, matched_pairs(targets, criterion.matcher(outputs, targets)), "softmax")
+        fixed = differentiable_ap(*detections, num_bins=16, sigma=0.1, num_gt=6)
         assert losses["loss_dap"].item() == pytest.approx(-fixed.item() * 6 / 5, rel=1e-6)
     assert losses["loss_dap"].item() < 0 and losses["dap_value"].grad_fn is None
 
@@ -274,6 +276,25 @@ def test_raw_plus_dap_shares_one_log_softmax_per_layer():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("loss", ["raw", "raw+dap"])
+def test_each_layer_forms_its_matched_pairs_once(monkeypatch, loss):
+    """The matching goes to the device once per layer (matched_pairs), not once for each loss
+    that reads it (labels, boxes, DAP)."""
+    made = []
+
+    class CountedPairs(matcher_module.MatchedPairs):
+        def __new__(cls, *fields):
+            made.append(1)
+            return super().__new__(cls, *fields)
+
+    monkeypatch.setattr(matcher_module, "MatchedPairs", CountedPairs)
+    criterion = build_criterion("--loss", loss)
+    outputs, targets = three_layers(3)
+    losses = criterion(outputs, targets)
+    assert {"loss_ce", "loss_bbox", "loss_giou_0"} <= set(losses) and ("loss_dap" in losses) == (loss == "raw+dap")
+    assert len(made) == 3
+
+
 class HostReads(TorchDispatchMode):
     """The operators that make the host wait for the device: reading a value back (item, float,
     bool), and those whose output size depends on the data (nonzero, boolean-mask indexing)."""
@@ -301,7 +322,8 @@ def test_dap_loss_reads_nothing_back_to_the_host(activation, num_logits, with_ot
         t.requires_grad_()
     dap = DAPLoss(activation=activation, num_bins=8, neg_topk=7)
     num_matched = torch.tensor(5.0)
-    layers = [DAPLayer("", outputs, targets, indices), DAPLayer("_0", outputs, targets, indices)]
+    pairs = matched_pairs(targets, indices)
+    layers = [DAPLayer("", outputs, indices, pairs), DAPLayer("_0", outputs, indices, pairs)]
     totals = {"num_matched": num_matched, "shares": 2}
     if with_others:
         records = {name: r.record for name, r in dap(layers, totals, StepContext.single(targets)).items()}
@@ -322,12 +344,13 @@ def test_dap_loss_reads_nothing_back_to_the_host(activation, num_logits, with_ot
 def test_dap_loss_of_several_layers_equals_each_layer_alone(activation, num_logits, monkeypatch):
     # Layers of equal sizes are computed as one stack (one all-reduce), others apart: every
     # layer's loss, table, record and gradients as when it is the only layer.
-    layers = []
+    layers, layer_targets = [], []
     for i, counts in enumerate([(3, 0, 2), (3, 0, 2), (1, 2, 1, 1), (3, 0, 2)]):
         outputs, targets, indices = random_layer(i, target_counts=counts, num_logits=num_logits)
         for t in outputs.values():
             t.requires_grad_()
-        layers.append(DAPLayer(f"_{i}", outputs, targets, indices))
+        layers.append(DAPLayer(f"_{i}", outputs, indices, matched_pairs(targets, indices)))
+        layer_targets.append(targets)
     dap = DAPLoss(activation=activation, num_bins=8, neg_topk=7)
     reducers = []
     original = dap_criterion.CountReducer.__call__
@@ -338,12 +361,12 @@ def test_dap_loss_of_several_layers_equals_each_layer_alone(activation, num_logi
 
     with monkeypatch.context() as patch:
         patch.setattr(dap_criterion.CountReducer, "__call__", counting)
-        together = dap(layers, {"num_matched": 5.0, "shares": 2}, StepContext.single(layers[0].targets))
+        together = dap(layers, {"num_matched": 5.0, "shares": 2}, StepContext.single(layer_targets[0]))
     assert sorted(reducers) == [1, 3]  # one stack of the three equal layers, one alone
     leaves = [t for layer in layers for t in layer.outputs.values()]
     grads = torch.autograd.grad(sum((i + 1) * together[layer.name].loss for i, layer in enumerate(layers)), leaves)
-    for i, layer in enumerate(layers):
-        alone = dap([layer], {"num_matched": 5.0, "shares": 2}, StepContext.single(layer.targets))[layer.name]
+    for i, (layer, targets) in enumerate(zip(layers, layer_targets)):
+        alone = dap([layer], {"num_matched": 5.0, "shares": 2}, StepContext.single(targets))[layer.name]
         result = together[layer.name]
         for got, want in [(result.loss, alone.loss), (result.dap, alone.dap), (result.precision, alone.precision),
                           (result.record.counts, alone.record.counts),
@@ -358,8 +381,8 @@ def test_dap_loss_of_several_layers_equals_each_layer_alone(activation, num_logi
 def test_gather_detections_log_odds_are_the_logits_of_the_probabilities(activation, num_logits, neg_topk):
     # The ranking losses rank log(p / (1 - p)) of the same detections DAP scores by p.
     outputs, targets, indices = random_layer(5, num_logits=num_logits)
-    probs = gather_detections(outputs, targets, indices, activation, neg_topk)
-    odds = gather_detections(outputs, targets, indices, activation, neg_topk, log_odds=True)
+    probs = gather_detections(outputs, matched_pairs(targets, indices), activation, neg_topk)
+    odds = gather_detections(outputs, matched_pairs(targets, indices), activation, neg_topk, log_odds=True)
     for p, o in [(probs[0], odds[0]), (probs[2], odds[2])]:
         torch.testing.assert_close(o, torch.logit(p.double()).to(o.dtype), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(odds[1], probs[1], rtol=0, atol=0)

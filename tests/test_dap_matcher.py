@@ -14,6 +14,7 @@ from models import build_model
 from models.dap_criterion import gather_detections
 from models.dap_functional import ap_matching_cost, constant_precision, differentiable_ap_terms
 from models.dap_matcher import DAPMatcher
+from models.matcher import matched_pairs
 from util.checkpoint import load_checkpoint, restore_criterion
 
 from conftest import TINY_DETR_FLAGS
@@ -249,8 +250,8 @@ def test_criterion_feeds_the_final_layer_precision_to_the_matcher_in_training_on
     outputs, targets = criterion_inputs(0)
     before = matcher.precision.clone()
     final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-    terms = differentiable_ap_terms(*gather_detections(final, targets, matcher(final, targets), "softmax"),
-                                    num_bins=8, sigma=0.05)
+    detections = gather_detections(final, matched_pairs(targets, matcher(final, targets)), "softmax")
+    terms = differentiable_ap_terms(*detections, num_bins=8, sigma=0.05)
 
     criterion.train()
     criterion(outputs, targets)

@@ -16,7 +16,7 @@ from models.dap_criterion import gather_detections
 from models.dap_functional import differentiable_ap_terms
 from models.deformable_detr import SetCriterion
 from models.deformable_transformer import DeformableTransformer, DeformableTransformerEncoder
-from models.matcher import HungarianMatcher, focal_class_cost
+from models.matcher import HungarianMatcher, focal_class_cost, matched_pairs
 from models.postprocess import TopKPostProcess
 from models.set_criterion import sigmoid_focal_loss
 from util.checkpoint import load_checkpoint
@@ -465,7 +465,8 @@ def test_dap_on_every_layer_and_the_encoder_proposals():
               ("loss_dap_enc", outputs["enc_outputs"], binary)]
     for key, layer, layer_targets in layers:
         indices = criterion.matcher(layer, layer_targets)
-        terms = differentiable_ap_terms(*gather_detections(layer, layer_targets, indices, "sigmoid", 7), num_gt=256)
+        detections = gather_detections(layer, matched_pairs(layer_targets, indices), "sigmoid", 7)
+        terms = differentiable_ap_terms(*detections, num_gt=256)
         torch.testing.assert_close(losses[key], -terms.dap)
         assert losses[key] < 0
 

@@ -13,6 +13,7 @@ from test_dap_training import make_big_box_coco
 
 import main as detr_main
 from models.dap_criterion import DAPLayer, gather_detections
+from models.matcher import matched_pairs
 from models.rank_criterion import RankingLoss, SelfBalance, scaled_gradient
 from models.rank_losses import alrp_loss_terms, ap_loss, rank_sort_loss_terms
 from models.set_criterion import StepContext
@@ -29,10 +30,11 @@ def leaves_of(outputs):
 @pytest.mark.parametrize("shares", [1, 3])
 def test_ap_loss_of_a_layer_is_ap_loss_of_its_detections(activation, num_logits, shares):
     outputs, targets, indices = random_layer(1, num_logits=num_logits)
+    pairs = matched_pairs(targets, indices)
     leaves = leaves_of(outputs)
     result = RankingLoss("ap", activation=activation, neg_topk=7)(
-        [DAPLayer("", outputs, targets, indices, final=True)], {"shares": shares}, StepContext.single(targets))[""]
-    pos, _, neg, weights = gather_detections(outputs, targets, indices, activation, 7, log_odds=True)
+        [DAPLayer("", outputs, indices, pairs, final=True)], {"shares": shares}, StepContext.single(targets))[""]
+    pos, _, neg, weights = gather_detections(outputs, pairs, activation, 7, log_odds=True)
     expected = ap_loss(pos, neg, weights)
     torch.testing.assert_close(result.losses["loss_ap"], expected.to(result.losses["loss_ap"].dtype))
     # Each share of the step back-propagates into its own detections only: its gradient counts
@@ -58,10 +60,11 @@ def test_scaled_gradient_keeps_the_value_and_multiplies_the_gradient():
 @pytest.mark.parametrize("activation,num_logits", [("softmax", 5), ("sigmoid", 4)])
 def test_rs_giou_term_is_as_large_as_rs_loss_and_trains_the_boxes(activation, num_logits):
     outputs, targets, indices = random_layer(2, num_logits=num_logits)
+    pairs = matched_pairs(targets, indices)
     leaves_of(outputs)
     result = RankingLoss("rs", activation=activation, neg_topk=7)(
-        [DAPLayer("", outputs, targets, indices, final=True)], {"shares": 1}, StepContext.single(targets))[""]
-    pos, ious, neg, weights = gather_detections(outputs, targets, indices, activation, 7, log_odds=True)
+        [DAPLayer("", outputs, indices, pairs, final=True)], {"shares": 1}, StepContext.single(targets))[""]
+    pos, ious, neg, weights = gather_detections(outputs, pairs, activation, 7, log_odds=True)
     terms = rank_sort_loss_terms(pos, ious, neg, weights)
     torch.testing.assert_close(result.losses["loss_rs"], (terms.ranking + terms.sorting).float())
     # lambda = L_RS / L_GIoU (a constant): the term's value equals RS Loss's ...
@@ -100,12 +103,12 @@ def test_self_balance_weight_is_last_epochs_ratio_and_survives_a_state_round_tri
 @pytest.mark.parametrize("activation,num_logits", [("softmax", 5), ("sigmoid", 4)])
 def test_alrp_terms_of_a_layer_and_the_weighted_localisation(activation, num_logits):
     outputs, targets, indices = random_layer(3, num_logits=num_logits)
+    pairs = matched_pairs(targets, indices)
     leaves_of(outputs)
     loss = RankingLoss("alrp", activation=activation, neg_topk=7)
     loss.balance.weight.fill_(4.0)
-    result = loss([DAPLayer("", outputs, targets, indices, final=True)], {"shares": 1},
-                  StepContext.single(targets))[""]
-    pos, ious, neg, weights = gather_detections(outputs, targets, indices, activation, 7, log_odds=True)
+    result = loss([DAPLayer("", outputs, indices, pairs, final=True)], {"shares": 1}, StepContext.single(targets))[""]
+    pos, ious, neg, weights = gather_detections(outputs, pairs, activation, 7, log_odds=True)
     terms = alrp_loss_terms(pos, ious, neg, weights)
     torch.testing.assert_close(result.losses["loss_alrp"], terms.classification.float())
     torch.testing.assert_close(result.losses["loss_alrp_loc"], 4 * terms.localisation.float())
