@@ -176,7 +176,7 @@ class RankingLoss(nn.Module):
         self.delta = delta
 
     def forward(self, layers, totals, step):
-        """layers: DAPLayers (name, outputs, targets, indices); totals: the step totals
+        """layers: DAPLayers (name, outputs, indices, pairs); totals: the step totals
         (set_criterion), of which shares, the number of (process, micro-batch) pairs of the step;
         step: the StepContext, whose counting pass gives the step's other micro-batches.
         Returns {layer name: RankLayerResult}."""
