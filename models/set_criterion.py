@@ -126,7 +126,8 @@ class BaseSetCriterion(nn.Module):
     (loss_map) and, where they have more than the final and auxiliary decoder layers, layers().
 
     A loss function is called as fn(outputs, targets, pairs, totals, **kwargs), pairs the layer's
-    matched_pairs, and returns a dict of scalars; `totals` holds the step totals (see step_totals), num_boxes among them.
+    matched_pairs, and returns a dict of scalars; `totals` holds the step totals (see
+    step_totals), num_boxes among them.
     """
 
     # Extra arguments of a loss on layers other than the final one: class_error is logged for
