@@ -238,6 +238,8 @@ def check_args(args):
         raise UserInputError("--finetune and --resume are exclusive: --resume restores a whole training state")
     if args.finetune_drop_class_head and not args.finetune:
         raise UserInputError("--finetune_drop_class_head needs --finetune")
+    if args.eval and not (args.resume or args.finetune):
+        raise UserInputError("--eval evaluates the weights of a checkpoint: give it with --resume (or --finetune)")
     if args.finetune or args.resume:
         # The checkpoint overwrites the backbone: fetching ImageNet weights would be wasted (and fail offline).
         args.pretrained_backbone = False
@@ -408,10 +410,12 @@ def save_epoch(output_dir, epoch, log_stats, coco_evaluator, run, args):
         if epoch % 50 == 49:
             save_coco_eval(coco_evaluator, output_dir / "eval" / f"{epoch:03}.pth")
     state = run.checkpoint_state(epoch, args)
-    save_checkpoint(output_dir / "checkpoint.pth", *state)
-    # Extra copies before each learning-rate drop and every checkpoint_period epochs, as upstream.
+    # Extra copies before each learning-rate drop and every checkpoint_period epochs, as upstream;
+    # written before checkpoint.pth, which a resume reads: stopped in between, the epoch is redone
+    # and its copy written again, never skipped.
     if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.checkpoint_period == 0:
         save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", *state)
+    save_checkpoint(output_dir / "checkpoint.pth", *state)
 
 
 def begin_epoch(epoch, partial_epoch, sampler_train, args):

@@ -134,6 +134,7 @@ COMBINATIONS = {
                                      "--loss rs does not compute"),
     "finetune_and_resume": (["--finetune", "a.pth", "--resume", "b.pth"], "exclusive"),
     "drop_head_without_finetune": (["--finetune_drop_class_head"], "needs --finetune"),
+    "eval_without_weights": (["--eval"], "give it with --resume"),
     "total_batch_not_divisible": (["--total_batch_size", "5", "--accum_iter", "2"], "not divisible"),
     "two_stage_without_refine": (["--model", "deformable_detr", "--two_stage"], "--with_box_refine"),
     "deformable_pre_norm": (["--model", "deformable_detr", "--pre_norm"], "post-norm"),
@@ -301,13 +302,13 @@ def break_image(path, how):
 @pytest.mark.parametrize("workers", ["0", "2"])
 @pytest.mark.parametrize("how", ["empty", "truncated", "not_an_image", "missing"])
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_bad_image_names_its_file(how, split, workers, data, base_data, capsys):
+def test_bad_image_names_its_file(how, split, workers, data, base_data, trained, capsys):
     images = json.loads((data / "annotations" / f"instances_{split}2017.json").read_text())["images"]
     target = data / f"{split}2017" / images[0]["file_name"]
     break_image(target, how)
     # The validation split is read by --eval at once (in training: after the first epoch).
-    code, err = cli(tiny(data, base_data[1], "--num_workers", workers, *(["--eval"] if split == "val" else [])),
-                    capsys)
+    evaluate = ["--eval", "--resume", trained / "checkpoint.pth"] if split == "val" else []
+    code, err = cli(tiny(data, base_data[1], "--num_workers", workers, *evaluate), capsys)
     assert code == 2
     line = one_line(err, target.name)
     assert ("does not exist" if how == "missing" else "cannot be decoded") in line
@@ -396,6 +397,35 @@ def test_overwrite_starts_the_run_over(trained, base_data, tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0]  # not appended to the earlier run's log
     assert load_checkpoint(str(out / "checkpoint.pth"))["args"].lr == 2e-4
+
+
+def test_resume_from_another_runs_checkpoint_into_a_run_folder_is_refused(trained, base_data, tmp_path, capsys):
+    out = tmp_path / "other"
+    shutil.copytree(trained, out)
+    elsewhere = tmp_path / "elsewhere.pth"
+    shutil.copy(trained / "checkpoint.pth", elsewhere)
+    before = snapshot(out)
+    code, err = cli(tiny(*base_data, "--output_dir", out, "--resume", elsewhere, "--epochs", "2"), capsys)
+    assert code == 2
+    one_line(err, "another run's checkpoint")
+    assert snapshot(out) == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over(trained, base_data, tmp_path, capsys):
+    """What a kill between epoch 0's log line and its checkpoint leaves (log.txt, iterations,
+    TensorBoard events, no checkpoint): the same command run again starts over, as a requeued
+    job runs it, instead of being refused (there is nothing to --resume) or appending to it."""
+    out = tmp_path / "stopped"
+    shutil.copytree(trained, out)
+    for path in out.glob("checkpoint*.pth"):
+        path.unlink()
+    (out / "iterations.jsonl").write_text('{"epoch": 0, "step": 0, "lr": 1.0}\n')
+    code, err = cli(tiny(*base_data, "--output_dir", out, "--log_iterations"), capsys)
+    assert code == 0, err
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
+    steps = [json.loads(line)["step"] for line in (out / "iterations.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[0] == 0  # each step once, none of the stopped run's
+    assert all(json.loads(line)["lr"] != 1.0 for line in (out / "iterations.jsonl").read_text().splitlines())
 
 
 def test_eval_into_a_training_folder_is_allowed(trained, base_data, capsys):
@@ -512,15 +542,15 @@ def uninterrupted(base_data, tmp_path_factory):
 @pytest.mark.parametrize("seed", range(4))
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(seed, uninterrupted, base_data, tmp_path):
     """SIGKILL a training process at a random moment (startup, training, evaluation, a write),
-    continue it as a user would (--resume when a checkpoint exists, else --overwrite), again and
-    again until it finishes: the weights and the log equal the uninterrupted run's."""
+    continue it as a requeued job does (--resume when a checkpoint exists, else the same command),
+    again and again until it finishes: the weights and the log equal the uninterrupted run's."""
     rng = torch.Generator().manual_seed(seed)
     out = tmp_path / "out"
     flags = tiny(*base_data, "--output_dir", out, "--epochs", "3", "--lr_drop", "2")
     kills = 0
     for attempt in range(12):
         has_checkpoint = (out / "checkpoint.pth").exists()
-        again = ["--resume", out / "checkpoint.pth"] if has_checkpoint else ["--overwrite"]
+        again = ["--resume", out / "checkpoint.pth"] if has_checkpoint else []
         process = main_process(flags + again)
         if attempt < 3:  # three kills, then let it finish
             time.sleep(2 + 6 * torch.rand(1, generator=rng).item())

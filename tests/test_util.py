@@ -1,4 +1,5 @@
 import argparse
+import errno
 import os
 
 import pytest
@@ -17,6 +18,13 @@ from util.misc import (
     least_advanced,
     nested_tensor_from_tensor_list,
     process_placement,
+)
+from util.output_dir import (
+    continues_this_folder,
+    holds_a_run,
+    remove_temporary_files,
+    stopped_before_first_checkpoint,
+    write_atomically,
 )
 
 # ----------------------------------------------------------------------------- misc
@@ -213,3 +221,74 @@ def test_fit_state_dict_drop_class_head_keeps_fresh_head():
     fit_state_dict(target, source.state_dict(), drop_prefixes=("class_embed",))
     assert torch.equal(target.body.weight, source.body.weight)
     assert torch.equal(target.class_embed.weight, head_before)
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+def test_write_atomically_flushes_the_file_and_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    write_atomically(tmp_path / "log.txt", lambda tmp: tmp.write_text("new"))
+    assert (tmp_path / "log.txt").read_text() == "new"
+    assert synced == [str(tmp_path / "log.txt.tmp"), str(tmp_path)]  # the data, then the rename
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    (tmp_path / "log.txt").write_text("old")
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("writer failed")
+
+    with pytest.raises(RuntimeError, match="writer failed"):
+        write_atomically(tmp_path / "log.txt", fails)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt"]
+    assert (tmp_path / "log.txt").read_text() == "old"
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path):
+    def full(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserInputError, match=r"no space left .* writing checkpoint.pth .* --resume") as err:
+        write_atomically(tmp_path / "checkpoint.pth", full)
+    assert "\n" not in str(err.value) and not any(tmp_path.iterdir())
+
+
+def test_only_the_runs_own_temporary_files_are_removed(tmp_path):
+    for name in ("checkpoint.pth.tmp", "eval/latest.pth.tmp", "sweep/run_b/checkpoint.pth.tmp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"partial")
+    removed = remove_temporary_files(tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == ["checkpoint.pth.tmp",
+                                                                            "eval/latest.pth.tmp"]
+    assert (tmp_path / "sweep/run_b/checkpoint.pth.tmp").exists()  # another run's, maybe live
+
+
+@pytest.mark.parametrize("files,holds,stopped", [
+    ({}, False, False),
+    ({"checkpoint.pth": ""}, True, False),
+    ({"checkpoint0049.pth": ""}, True, False),
+    ({"log.txt": '{"epoch": 0}\n'}, False, True),  # stopped between epoch 0's log line and its checkpoint
+    ({"log.txt": '{"epoch": 0}\n{"epoch": 1}\n'}, True, False),  # its checkpoints deleted: a run to keep
+    ({"log.txt": "written by hand\n"}, True, False),
+    ({"iterations.jsonl": '{"epoch": 0, "step": 0}\n'}, False, True),
+    ({"tb/events": ""}, False, True),
+    ({"notes.md": ""}, False, False),
+])
+def test_what_counts_as_a_run(tmp_path, files, holds, stopped):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert holds_a_run(tmp_path) == holds
+    assert stopped_before_first_checkpoint(tmp_path) == stopped
+
+
+def test_resume_continues_this_folder_only_from_its_own_checkpoint(tmp_path):
+    assert continues_this_folder(str(tmp_path / "checkpoint.pth"), tmp_path)
+    assert continues_this_folder(str(tmp_path / "checkpoint0049.pth"), tmp_path)
+    assert not continues_this_folder(str(tmp_path / "other" / "checkpoint.pth"), tmp_path)
+    assert not continues_this_folder("https://example.com/detr-r50-e632da11.pth", tmp_path)
+    assert not continues_this_folder("", tmp_path)
