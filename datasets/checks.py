@@ -3,6 +3,8 @@ in a training epoch, or be silently ignored or misread, is refused at once with 
 names the file, the entry and the fix."""
 import json
 import math
+import os
+from pathlib import Path
 
 from util.errors import UserInputError
 
@@ -16,6 +18,30 @@ def _is_number(value):
 
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def read_detection_json(ann_file):
+    """The parsed JSON of a COCO detection file (parse_detection_json), refused with one line when it
+    cannot be read or is not UTF-8 text (a gzipped file would end in a UnicodeDecodeError)."""
+    return parse_detection_json(_utf8_text(ann_file), ann_file)
+
+
+def _utf8_text(ann_file):
+    # a function of its own so that the bytes are freed before parsing (COCO train's file is 450 MB)
+    try:
+        raw = Path(ann_file).read_bytes()
+    except OSError as err:
+        raise UserInputError(f"annotation file {ann_file} cannot be read ({err.strerror}); "
+                             "check its permissions") from None
+    try:
+        return raw.decode("utf-8-sig")  # -sig: accept the byte-order mark some Windows tools write
+    except UnicodeDecodeError as err:
+        if raw.startswith(GZIP_MAGIC):
+            raise UserInputError(f"annotation file {ann_file} is not a UTF-8 JSON file (gzip-compressed); "
+                                 f"decompress it under the same name, {Path(ann_file).name}") from None
+        raise UserInputError(f"annotation file {ann_file} is not a UTF-8 JSON file (byte {err.start} is not "
+                             "UTF-8); save it as UTF-8 JSON") from None
 
 
 def parse_detection_json(text, ann_file):
@@ -50,10 +76,11 @@ def category_ids_of(data, ann_file):
     return tuple(sorted(ids))
 
 
-def check_detection_file(data, ann_file, category_ids=None):
+def check_detection_file(data, ann_file, category_ids=None, category_file=None):
     """data: the parsed JSON of ann_file (a dict with images, annotations, categories).
-    category_ids: the ids the model classifies (the validation split's categories); every
-    annotation must use one of them. Returns None; raises UserInputError on the first problem."""
+    category_ids: the ids the model classifies, read from category_file (the validation split's
+    annotation file); every annotation must use one of them. Returns None; raises UserInputError on
+    the first problem."""
     def fail(message):
         raise UserInputError(f"annotation file {ann_file}: {message}")
 
@@ -72,18 +99,20 @@ def check_detection_file(data, ann_file, category_ids=None):
         image_ids.add(image["id"])
 
     categories = category_ids_of(data, ann_file)
-    allowed = set(categories if category_ids is None else category_ids)
+    if category_ids is None:
+        category_ids, category_file = categories, ann_file
+    allowed = set(category_ids)
 
+    index_of_id = {}
     for i, ann in enumerate(data["annotations"]):
-        where = f"annotations[{i}]" + (f" (id {ann['id']})" if isinstance(ann, dict) and "id" in ann else "")
         if not isinstance(ann, dict):
-            fail(f"{where} is not an object")
+            fail(f"annotations[{i}] is not an object")
+        fail_on_annotation_id(ann, i, index_of_id, fail)
+        where = f"annotations[{i}] (id {ann['id']})"
         if ann.get("image_id") not in image_ids:
             fail(f"{where} refers to image id {ann.get('image_id')!r}, which is not in 'images'")
         if ann.get("category_id") not in allowed:
-            known = f"{min(allowed)}..{max(allowed)}" if allowed else "none"
-            fail(f"{where} has category id {ann.get('category_id')!r}, not one of the dataset's categories "
-                 f"({len(allowed)} ids, {known}); fix the annotation or add the category")
+            fail(unknown_category(where, ann.get("category_id"), allowed, ann_file, category_file))
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             fail(f"{where} has bbox {bbox!r}; expected [x, y, width, height], four finite numbers")
@@ -93,6 +122,58 @@ def check_detection_file(data, ann_file, category_ids=None):
             fail(f"{where} has no 'area' of 0 or more (COCO evaluation sorts boxes by it)")
         if ann.get("iscrowd", 0) not in (0, 1):
             fail(f"{where} has iscrowd {ann['iscrowd']!r}; expected 0 or 1")
+
+
+def fail_on_annotation_id(ann, index, index_of_id, fail):
+    """Each annotation needs an integer id of 1 or more, once in the file: pycocotools indexes
+    annotations by id (a repeated id swaps ground truth between images, a missing one is a
+    KeyError), and its evaluation takes a match to id 0 for no match, unlike the other backends."""
+    ann_id = ann.get("id")
+    if not _is_int(ann_id) or ann_id < 1:
+        found = f"has id {ann_id!r}" if "id" in ann else "has no 'id'"
+        fail(f"annotations[{index}] {found}; give every annotation a unique integer id of 1 or more")
+    if ann_id in index_of_id:
+        fail(f"annotations[{index}] has id {ann_id}, as annotations[{index_of_id[ann_id]}] does; give every "
+             "annotation a unique id (evaluation indexes annotations by id)")
+    index_of_id[ann_id] = index
+
+
+def unknown_category(where, category_id, allowed, ann_file, category_file):
+    """The message for an annotation whose category the model does not classify, naming the file
+    the model's classes come from (for the train split, the validation split's file)."""
+    known = f"{len(allowed)} ids, {min(allowed)}..{max(allowed)}" if allowed else "no ids"
+    found = f"{where} has category id {category_id!r}, not one of the dataset's categories"
+    if category_file is not None and str(category_file) == str(ann_file):
+        return f"{found} (this file's 'categories', {known}); fix the annotation or add the category to 'categories'"
+    source = f"the 'categories' of {category_file}" if category_file is not None else "the given category ids"
+    return (f"{found}, the model's classes: those are {source} ({known}); add category {category_id!r} "
+            "there, or fix the annotation")
+
+
+def _names_in(folder):
+    try:
+        return set(os.listdir(folder))
+    except OSError:  # no such folder: every image said to be in it is missing
+        return set()
+
+
+def check_image_files(data, ann_file, img_folder):
+    """Every image's file_name must be in img_folder (subfolders allowed), or the epoch that reads it
+    fails (for val, after a whole training epoch). One listing per folder, not a stat per image:
+    COCO train has 118k images, and stats are slow on networked filesystems."""
+    listings = {}
+    missing = []
+    for image in data["images"]:
+        folder, name = os.path.split(os.path.join(img_folder, image["file_name"]))
+        if folder not in listings:
+            listings[folder] = _names_in(folder)
+        if name not in listings[folder]:
+            missing.append(image)
+    if missing:
+        first = missing[0]
+        raise UserInputError(f"image file {os.path.join(img_folder, first['file_name'])} (image id {first['id']}) "
+                             f"does not exist: {len(missing)} of the {len(data['images'])} images listed in "
+                             f"{ann_file} are missing; copy them into {img_folder} or remove them from 'images'")
 
 
 def check_split_is_usable(data, ann_file, image_set):

@@ -17,8 +17,9 @@ import datasets.transforms as T
 from datasets.checks import (
     category_ids_of,
     check_detection_file,
+    check_image_files,
     check_split_is_usable,
-    parse_detection_json,
+    read_detection_json,
 )
 from datasets.rtdetr_transforms import make_rtdetr_transforms
 from util.errors import UserInputError
@@ -30,14 +31,16 @@ class CocoDetection(torchvision.datasets.CocoDetection):
     """Returns (image, target) with target keys boxes (absolute xyxy), labels, image_id, area,
     iscrowd, orig_size and size ((h, w) of the image before / after the transforms)."""
 
-    def __init__(self, img_folder, ann_file, transforms, category_ids=None):
-        """category_ids: the ids the model classifies; every annotation must use one of them
-        (default: the file's own categories). The file is parsed and checked whole before
-        pycocotools indexes it (datasets/checks.py)."""
+    def __init__(self, img_folder, ann_file, transforms, category_ids=None, category_file=None):
+        """category_ids: the ids the model classifies, read from category_file; every annotation
+        must use one of them (default: the file's own categories). The file is parsed and checked
+        whole, and every image file looked for, before pycocotools indexes it (datasets/checks.py)."""
         torchvision.datasets.VisionDataset.__init__(self, str(img_folder))
         self.ann_file = Path(ann_file)
-        data = parse_detection_json(self.ann_file.read_text(), ann_file)
-        check_detection_file(data, ann_file, category_ids)
+        data = read_detection_json(ann_file)
+        check_detection_file(data, ann_file, category_ids, category_file)
+        check_image_files(data, ann_file, img_folder)
+        default_iscrowd(data["annotations"])
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -47,14 +50,21 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         self.prepare = ConvertCocoAnnotations()
 
     def _load_image(self, id):
-        path = Path(self.root) / self.coco.loadImgs(id)[0]["file_name"]
+        info = self.coco.loadImgs(id)[0]
+        path = Path(self.root) / info["file_name"]
         if not path.is_file():
             raise UserInputError(f"image file {path} (image id {id}, listed in {self.ann_file}) "
                                  f"does not exist")
         try:
-            return super()._load_image(id)
+            image = super()._load_image(id)
         except (OSError, ValueError, SyntaxError) as err:  # PIL: unidentified, truncated, corrupt
             raise UserInputError(f"image file {path} (image id {id}) cannot be decoded: {err}") from None
+        # the boxes are in the JSON's pixel coordinates: on an image of another size they point elsewhere
+        if "width" in info and "height" in info and image.size != (info["width"], info["height"]):
+            raise UserInputError(f"image file {path} is {image.width}x{image.height} pixels, but {self.ann_file} "
+                                 f"gives {info['width']}x{info['height']} (width x height) for image id {id}; "
+                                 "fix its width and height there, or the image")
+        return image
 
     def __getitem__(self, idx):
         img, annotations = super().__getitem__(idx)
@@ -62,6 +72,16 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         if self._transforms is not None:
             img, target = self._transforms(img, target)
         return img, target
+
+
+def default_iscrowd(annotations):
+    """A missing iscrowd means 0 (an ordinary object), written into the annotations once, before
+    anything reads them, so that the training targets and every evaluation backend (they all read
+    dataset.coco) see the same value: hotcoco and ultrafast-pycocotools already read a missing
+    iscrowd as 0, while pycocotools raises KeyError after the epoch. Filling it in keeps the three
+    identical and still accepts the files of exporters that leave the key out."""
+    for ann in annotations:
+        ann.setdefault("iscrowd", 0)
 
 
 class ConvertCocoAnnotations:
@@ -142,17 +162,22 @@ def coco_files(args, image_set):
 
 @functools.lru_cache(maxsize=8)
 def _read_category_ids(ann_file):
-    return category_ids_of(parse_detection_json(Path(ann_file).read_text(), ann_file), ann_file)
+    return category_ids_of(read_detection_json(ann_file), ann_file)
+
+
+def category_file(args):
+    """The annotation file whose 'categories' are the model's classes: the validation split's
+    (train and val share their categories), once both splits were found."""
+    coco_files(args, "train")
+    return coco_files(args, "val")[1]
 
 
 def category_ids(args):
-    """The dataset's category ids, sorted (RT-DETR's label i is category_ids[i]); None without
-    --coco_path. Read from the validation annotation file (train and val share their categories)
-    once both splits were found."""
+    """The dataset's category ids, sorted (RT-DETR's label i is category_ids[i]), from
+    category_file(args); None without --coco_path."""
     if args.coco_path is None:
         return None
-    coco_files(args, "train")
-    return _read_category_ids(str(coco_files(args, "val")[1]))
+    return _read_category_ids(str(category_file(args)))
 
 
 def make_transforms(pipeline, image_set, args):
@@ -170,6 +195,6 @@ def make_transforms(pipeline, image_set, args):
 def build(image_set, args, pipeline):
     img_folder, ann_file = coco_files(args, image_set)
     dataset = CocoDetection(img_folder, ann_file, transforms=make_transforms(pipeline, image_set, args),
-                            category_ids=category_ids(args))
+                            category_ids=category_ids(args), category_file=category_file(args))
     check_split_is_usable(dataset.coco.dataset, ann_file, image_set)
     return dataset

@@ -1,7 +1,9 @@
 """The synthetic COCO generator, the COCO dataset built on its output, and the errors for bad
 input paths and files."""
 import argparse
+import gzip
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from pycocotools.coco import COCO
 
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco import ConvertCocoAnnotations
+from datasets.coco_eval import CocoEvaluator, installed_backends
 from datasets.synthetic import CATEGORIES, _rasterize, _shape_polygons, make_synthetic_coco
 from util.box_ops import box_cxcywh_to_xyxy
 from util.errors import UserInputError
@@ -276,3 +279,113 @@ def test_unknown_dataset_file_and_image_set(small_data):
     args.dataset_file = "voc"
     assert "coco" in expect_error(args, "voc")
     assert "train, val" in expect_error(args_for(small_data), "test", image_set="test")
+
+
+def edit_annotations(root, split, edit):
+    """Rewrite root's instances_{split}2017.json with edit(data) applied; returns its path."""
+    ann_file = root / "annotations" / f"instances_{split}2017.json"
+    data = json.loads(ann_file.read_text())
+    edit(data)
+    ann_file.write_text(json.dumps(data))
+    return ann_file
+
+
+def test_missing_image_files_are_refused_when_the_dataset_is_built(small_data):
+    names = sorted(p.name for p in (small_data / "val2017").iterdir())
+    for name in names:
+        (small_data / "val2017" / name).unlink()
+    message = expect_error(args_for(small_data), small_data / "val2017" / names[0])
+    assert "2 of the 2 images" in message and "copy them into" in message
+    first = sorted(p.name for p in (small_data / "train2017").iterdir())[0]
+    (small_data / "train2017" / first).unlink()
+    assert "1 of the 2 images" in expect_error(args_for(small_data), small_data / "train2017" / first, "train")
+
+
+def test_image_files_are_looked_for_with_one_listing_per_folder(small_data, monkeypatch):
+    # an image in a subfolder is found in that subfolder's listing
+    first = sorted(p.name for p in (small_data / "val2017").iterdir())[0]
+    (small_data / "val2017" / "sub").mkdir()
+    (small_data / "val2017" / first).rename(small_data / "val2017" / "sub" / first)
+    edit_annotations(small_data, "val", lambda d: d["images"][0].update(file_name=f"sub/{first}"))
+    listed = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path: listed.append(str(path)) or real_listdir(path))
+    dataset = build_dataset("val", args_for(small_data, input_scale=0.08))
+    assert sorted(listed) == [str(small_data / "val2017"), str(small_data / "val2017" / "sub")]
+    assert dataset[0][0].shape == (3, 64, 64)
+    (small_data / "val2017" / "sub" / first).unlink()
+    expect_error(args_for(small_data), small_data / "val2017" / "sub" / first)
+
+
+def drop_id(data):
+    del data["annotations"][1]["id"]
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (drop_id, "annotations[1] has no 'id'"),
+    (lambda d: d["annotations"][1].update(id=0), "annotations[1] has id 0;"),
+    (lambda d: d["annotations"][1].update(id="2"), "annotations[1] has id '2';"),
+    (lambda d: d["annotations"][1].update(id=1), "annotations[1] has id 1, as annotations[0] does"),
+])
+def test_annotation_ids_must_be_unique_integers_of_1_or_more(small_data, edit, expected):
+    ann_file = edit_annotations(small_data, "val", edit)
+    message = expect_error(args_for(small_data), ann_file)
+    assert expected in message and "unique" in message
+
+
+def test_a_missing_iscrowd_is_0_for_training_and_every_backend(small_data):
+    def drop_iscrowd(data):
+        for ann in data["annotations"]:
+            del ann["iscrowd"]
+
+    edit_annotations(small_data, "val", drop_iscrowd)
+    val = build_dataset("val", args_for(small_data, input_scale=0.08))  # 800 * 0.08 = 64: no resize
+    coco = val.coco
+    assert all(ann["iscrowd"] == 0 for ann in coco.dataset["annotations"])
+    predictions = {}
+    for idx, image_id in enumerate(val.ids):
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+        assert len(val[idx][1]["labels"]) == len(anns)  # every object is a training target
+        predictions[image_id] = {"boxes": torch.tensor([[x, y, x + w, y + h] for x, y, w, h in
+                                                        (a["bbox"] for a in anns)]),
+                                 "scores": torch.ones(len(anns)),
+                                 "labels": torch.tensor([a["category_id"] for a in anns])}
+    for backend in installed_backends():  # pycocotools raised KeyError 'iscrowd' here
+        evaluator = CocoEvaluator(coco, ("bbox",), backend=backend)
+        evaluator.update(predictions)
+        evaluator.synchronize_between_processes()
+        evaluator.accumulate()
+        assert evaluator.stats()[0] == pytest.approx(1), backend
+
+
+def test_an_annotation_file_that_is_not_utf8_is_refused(small_data):
+    ann_file = small_data / "annotations" / "instances_val2017.json"
+    text = ann_file.read_text()
+    ann_file.write_bytes(gzip.compress(text.encode()))
+    assert "not a UTF-8 JSON file (gzip-compressed)" in expect_error(args_for(small_data), ann_file)
+    ann_file.write_bytes(text.replace('"shape"', '"form\xe9"').encode("latin-1"))
+    assert "not a UTF-8 JSON file" in expect_error(args_for(small_data), ann_file)
+    ann_file.write_bytes(text.encode("utf-8-sig"))  # a byte-order mark is fine
+    assert len(build_dataset("val", args_for(small_data))) == 2
+
+
+def test_a_train_category_missing_from_val_names_the_val_file(small_data):
+    train_file = small_data / "annotations" / "instances_train2017.json"
+    category = json.loads(train_file.read_text())["annotations"][0]["category_id"]
+    val_file = edit_annotations(small_data, "val", lambda d: d.update(
+        categories=[c for c in d["categories"] if c["id"] != category]))
+    message = expect_error(args_for(small_data), val_file, image_set="train")
+    assert message.startswith(f"annotation file {train_file}: annotations[0] (id 1) has category id {category}")
+    assert f"the model's classes: those are the 'categories' of {val_file}" in message
+    assert f"add category {category} there" in message
+
+
+def test_an_image_of_another_size_than_its_json_entry_is_refused(small_data):
+    dataset = build_dataset("val", args_for(small_data, input_scale=0.08))
+    path = small_data / "val2017" / dataset.coco.loadImgs(dataset.ids[1])[0]["file_name"]
+    Image.new("RGB", (48, 32)).save(path)
+    dataset[0]  # the other image still loads
+    with pytest.raises(UserInputError) as info:
+        dataset[1]
+    assert str(path) in str(info.value) and "is 48x32 pixels" in str(info.value)
+    assert "gives 64x64 (width x height)" in str(info.value)
