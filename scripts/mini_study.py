@@ -31,10 +31,13 @@ them. smoke = both models, every arm, 2 x 1 seed pairs on 8 images of 64 px.
 An arm whose --loss main.py does not accept (yet) is skipped with a note. Every run is main.py
 with flags (its folder keeps log.txt, eval/latest.pth and stdout.txt). A run whose folder holds
 a finished run with the same flags is reused, so a second call only redoes what changed, the
-tables and the plots.
+tables and the plots; a run that was stopped (killed, a full disk) continues from its last
+checkpoint. One study at a time per --out: the folder is locked while it runs.
 """
 import argparse
 import contextlib
+import ctypes
+import fcntl
 import json
 import math
 import multiprocessing
@@ -42,6 +45,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -54,6 +58,7 @@ from scipy import stats as scipy_stats
 import main as detr_main
 from datasets.synthetic import make_synthetic_coco
 from util.errors import UserInputError
+from util.output_dir import write_atomically
 from util.plot_utils import plot_logs, plot_precision_recall, read_log
 
 COCO_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -138,6 +143,25 @@ def finetune_seed(pretrain_seed, seed):
 
 # ----------------------------------------------------------------------------- runs
 
+# What the study reads from a finished run's folder (finished() checks they are there).
+RUN_OUTPUTS = ("log.txt", "iterations.jsonl", "eval/latest.pth")
+
+
+def read_json(path):
+    """The JSON in path, or None where it is missing or unreadable (cut short by a kill or a full
+    disk)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_file(path, text):
+    """path holds text or its old content, never a part: a kill or a full disk mid-write leaves at
+    most path.tmp."""
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
 class Run:
     """One main.py training run into its own folder. keep_checkpoint: whether its checkpoints stay
     once it has finished; the study reads only the logs and eval/ of a fine-tuning run, and its
@@ -150,9 +174,33 @@ class Run:
         self.keep_checkpoint = keep_checkpoint
 
     def finished(self):
-        """A finished run with these flags is already in the folder (run.json is written last)."""
-        record = self.dir / "run.json"
-        return record.is_file() and json.loads(record.read_text())["flags"] == self.flags
+        """A finished run with these flags is already in the folder: run.json (written once it has
+        finished) names them, and the outputs the study reads are there. An unreadable run.json
+        counts as not finished: the run is redone."""
+        record = read_json(self.dir / "run.json")
+        outputs = RUN_OUTPUTS + (("checkpoint.pth",) if self.keep_checkpoint else ())
+        return (isinstance(record, dict) and record.get("flags") == self.flags
+                and all((self.dir / name).is_file() for name in outputs))
+
+    def resumable(self):
+        """Whether the folder holds a checkpoint of a stopped start of this run: started.json
+        (written before main.py starts) names the same flags."""
+        return read_json(self.dir / "started.json") == {"flags": self.flags} and \
+            (self.dir / "checkpoint.pth").is_file()
+
+    def resume_flags(self):
+        """main.py's flags continuing from checkpoint.pth: its whole training state replaces the
+        --finetune weights (main.py takes one or the other)."""
+        flags = list(self.flags)
+        if "--finetune" in flags:
+            i = flags.index("--finetune")
+            del flags[i:i + 2]
+        return flags + ["--resume", str(self.dir / "checkpoint.pth")]
+
+    def drop_checkpoints(self):
+        if not self.keep_checkpoint:
+            for checkpoint in self.dir.glob("checkpoint*.pth"):
+                checkpoint.unlink()
 
     def seconds(self):
         """Wall time of the training, evaluations included."""
@@ -172,20 +220,41 @@ class Run:
 
 
 def execute(run, threads):
-    """Train one run in this process, its printout in stdout.txt; returns the wall time."""
+    """Train one run in this process, its printout in stdout.txt; returns the wall time (of this
+    call: a resumed run's earlier part is not counted). A stopped start of the same run continues
+    from its checkpoint; anything else in the folder is removed first."""
     torch.set_num_threads(threads)
-    if run.dir.exists():
-        shutil.rmtree(run.dir)
-    run.dir.mkdir(parents=True)
+    resume = run.resumable()
+    if not resume:
+        if run.dir.exists():
+            shutil.rmtree(run.dir)
+        run.dir.mkdir(parents=True)
+        write_file(run.dir / "started.json", json.dumps({"flags": run.flags}))
     start = time.time()
-    with open(run.dir / "stdout.txt", "w") as out, contextlib.redirect_stdout(out):
-        detr_main.main(parse_flags(run.flags))
+    with open(run.dir / "stdout.txt", "a" if resume else "w") as out, contextlib.redirect_stdout(out):
+        detr_main.main(parse_flags(run.resume_flags() if resume else run.flags))
     seconds = time.time() - start
-    if not run.keep_checkpoint:
-        for checkpoint in run.dir.glob("checkpoint*.pth"):
-            checkpoint.unlink()
-    (run.dir / "run.json").write_text(json.dumps({"flags": run.flags, "seconds": seconds}))
+    # run.json first: stopped in between, the run is finished and its checkpoints are dropped on
+    # the next call, rather than trained again
+    write_file(run.dir / "run.json", json.dumps({"flags": run.flags, "seconds": seconds}))
+    run.drop_checkpoints()
     return seconds
+
+
+def die_with_parent(parent):
+    """Pool initializer: the worker is killed when the study's process ends, however it ends
+    (SIGKILL too), instead of training on into a folder that a rerun starts over (Linux; elsewhere
+    only a parent already gone is noticed)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1  # <linux/prctl.h>
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent:  # it ended before the prctl
+        os._exit(1)
+
+
+def worker_pool(jobs):
+    # spawn: a fresh interpreter per worker, no forked torch thread pools
+    return multiprocessing.get_context("spawn").Pool(jobs, initializer=die_with_parent, initargs=(os.getpid(),))
 
 
 def execute_all(runs, jobs, threads):
@@ -195,14 +264,14 @@ def execute_all(runs, jobs, threads):
     for r in runs:
         if r not in todo:
             print(f"  reused   {r.dir}", flush=True)
+            r.drop_checkpoints()  # left by a stop between run.json and their removal
     jobs = max(1, min(jobs, len(todo)))
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     if jobs == 1:
         times = map(execute, todo, [threads] * len(todo))
         pool = contextlib.nullcontext()
     else:
-        # spawn: a fresh interpreter per worker, no forked torch thread pools
-        pool = multiprocessing.get_context("spawn").Pool(jobs)
+        pool = worker_pool(jobs)
         times = pool.imap(_execute_star, [(r, threads) for r in todo])
     with pool:
         for run, seconds in zip(todo, times):
@@ -803,12 +872,38 @@ def main():
         preset["finetune_seeds"] = tuple(dict.fromkeys(opts.finetune_seeds))
     out = Path(opts.out or "outputs/mini_study" + ("" if preset_name == "full" else f"_{preset_name}")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    # Runs are reused by their flags, which do not name the data: one folder, one data set.
-    settings = json.dumps(preset["data"], sort_keys=True)
-    if (out / "data.json").is_file() and (out / "data.json").read_text() != settings:
-        raise UserInputError(f"{out} holds a study on other data ({(out / 'data.json').read_text()}); "
+    with lock_study(out):
+        run_study(opts, preset_name, preset, out)
+
+
+def lock_study(out):
+    """Hold an exclusive lock on out/.lock until the returned file is closed: a second study in the
+    same folder would start over the runs this one is training."""
+    handle = open(out / ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserInputError(f"another study is running in {out} (it holds {out / '.lock'}); wait for it to end "
+                             "or pass another --out") from None
+    return handle
+
+
+def claim_data(out, data):
+    """Runs are reused by their flags, which do not name the data: one folder, one data set, the
+    one data.json names (written once, atomically)."""
+    settings = json.dumps(data, sort_keys=True)
+    path = out / "data.json"
+    if not path.is_file():
+        write_file(path, settings)
+    elif path.read_text() != settings:
+        raise UserInputError(f"{out} holds a study on other data ({path.read_text()}); "
                              f"pass another --out or delete that folder")
-    (out / "data.json").write_text(settings)
+
+
+def run_study(opts, preset_name, preset, out):
+    """Data, runs, results.md and plots into out."""
+    claim_data(out, preset["data"])
     command = "python -m scripts.mini_study " + " ".join(sys.argv[1:])
     timings = {"jobs": opts.jobs, "threads": opts.threads}
 

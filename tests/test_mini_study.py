@@ -2,16 +2,26 @@
 and seed pair, each fine-tuning from its own pretraining seed's checkpoint, one data order per seed
 pair), the statistics against hand-computed values, raw's best learning rate, the skip of an arm
 main.py does not accept, and the --smoke path end to end (every arm evaluated, the tables written
-from the runs' numbers, every plot a PNG; reruns with the same seed are identical)."""
+from the runs' numbers, every plot a PNG; reruns with the same seed are identical), and a study
+stopped or run twice at once: one study per folder, workers that die with it, writes that a full
+disk cannot leave half done, a stopped run resumed from its checkpoint."""
+import errno
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from scripts import mini_study
 from util.errors import UserInputError
+
+from conftest import REPO
 
 MODELS = ("detr", "deformable_detr")
 # the flags an arm may change: its loss, matcher and learning rate (and the run's folder)
@@ -268,6 +278,197 @@ def test_ablation_table_has_one_column_pair_per_parameter():
     assert len(table) == 2 + 5
 
 
+# ----------------------------------------------------------------------------- stopped, rerun, run twice
+
+class FakeMain:
+    """main.main replaced by a run that writes at once what the study reads (log.txt: a line per
+    call) and a checkpoint; keeps each call's args. With stop set, it ends as a kill would, once
+    the checkpoint is written."""
+
+    def __init__(self):
+        self.calls, self.stop = [], False
+
+    def __call__(self, args):
+        self.calls.append(args)
+        out = Path(args.output_dir)
+        (out / "eval").mkdir(exist_ok=True)
+        with open(out / "log.txt", "a") as log:
+            log.write(json.dumps({"call": len(self.calls)}) + "\n")
+        for name in ("iterations.jsonl", "eval/latest.pth", "checkpoint.pth"):
+            (out / name).write_text("{}\n")
+        if self.stop:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture
+def fake_main(monkeypatch):
+    fake = FakeMain()
+    monkeypatch.setattr(mini_study.detr_main, "main", fake)
+    return fake
+
+
+def tiny_plan(out):
+    """The smoke study's runs in out (nothing run)."""
+    return mini_study.plan(mini_study.PRESETS["smoke"], out, str(out / "data"), 6)
+
+
+def full_disk(monkeypatch, prefix):
+    """Path.write_text of files named prefix* fails as on a full disk: half the text written."""
+    write_text = Path.write_text
+
+    def write(path, text, *args, **kwargs):
+        if not path.name.startswith(prefix):
+            return write_text(path, text, *args, **kwargs)
+        write_text(path, text[:len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", write)
+
+
+def test_a_second_study_in_the_same_folder_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(mini_study, "make_synthetic_coco", lambda *a, **k: pytest.fail("the second study started"))
+    monkeypatch.setattr(sys, "argv", ["mini_study.py", "--smoke", "--out", str(tmp_path)])
+    with mini_study.lock_study(tmp_path):
+        with pytest.raises(UserInputError, match=f"^another study is running in {tmp_path} ") as refused:
+            mini_study.main()
+    assert "\n" not in str(refused.value) and not (tmp_path / "data.json").exists()
+    with mini_study.lock_study(tmp_path):  # free again once the first study ends
+        pass
+
+
+def process_alive(pid):
+    """Whether pid runs (a zombie, ended but not reaped yet, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_pool_workers_die_with_the_study():
+    """A study killed with SIGKILL takes its busy workers along: none trains on into a folder a
+    rerun starts over."""
+    study = subprocess.Popen(
+        [sys.executable, "-c", "import os, time\n"
+                               "from scripts import mini_study\n"
+                               "pool = mini_study.worker_pool(1)\n"
+                               "print(pool.apply(os.getpid), flush=True)\n"
+                               "pool.apply_async(time.sleep, (60,))\n"
+                               "time.sleep(60)\n"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        line = study.stdout.readline()
+        assert line, study.stderr.read()  # the study failed before its pool started
+        worker = int(line)
+        time.sleep(0.5)  # the worker is in time.sleep, as it would be in a training run
+        study.kill()
+        study.wait()
+        deadline = time.time() + 10
+        while process_alive(worker) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not process_alive(worker)
+    finally:
+        study.kill()
+        study.wait()
+        if worker is not None and process_alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_an_unreadable_run_json_is_rerun_not_a_crash(tmp_path, fake_main):
+    run = tiny_plan(tmp_path).arms[("detr", "raw", 0, 0)]
+    run.dir.mkdir(parents=True)
+    for text in ("", '{"flags": ["--lr"'):  # what a full disk left before writes were atomic
+        (run.dir / "run.json").write_text(text)
+        assert not run.finished()
+        mini_study.execute_all([run], jobs=1, threads=1)
+        assert run.finished()
+    assert len(fake_main.calls) == 2
+
+
+def test_a_run_is_finished_only_with_the_outputs_the_study_reads(tmp_path, fake_main):
+    study = tiny_plan(tmp_path)
+    run, pretrain = study.arms[("detr", "raw", 0, 0)], study.pretrain[("detr", 0)]
+    # what two studies writing one folder left: run.json alone
+    run.dir.mkdir(parents=True)
+    (run.dir / "run.json").write_text(json.dumps({"flags": run.flags, "seconds": 1.0}))
+    assert not run.finished()
+    mini_study.execute_all([run, pretrain], jobs=1, threads=1)
+    assert run.finished() and pretrain.finished()
+    assert not (run.dir / "checkpoint.pth").exists()
+    (run.dir / "eval" / "latest.pth").unlink()
+    assert not run.finished()
+    (pretrain.dir / "checkpoint.pth").unlink()  # every fine-tuning run starts from it
+    assert not pretrain.finished()
+
+
+def test_data_json_and_run_json_are_never_left_half_written(tmp_path, monkeypatch, fake_main):
+    data = mini_study.PRESETS["smoke"]["data"]
+    with monkeypatch.context() as m:
+        full_disk(m, "data.json")
+        with pytest.raises((OSError, UserInputError), match="(?i)no space left"):
+            mini_study.claim_data(tmp_path, data)
+    assert not (tmp_path / "data.json").exists()
+    mini_study.claim_data(tmp_path, data)  # not refused as "a study on other data"
+    with pytest.raises(UserInputError, match="holds a study on other data"):
+        mini_study.claim_data(tmp_path, dict(data, num_train=9))
+
+    run = tiny_plan(tmp_path).arms[("detr", "raw", 0, 0)]
+    with monkeypatch.context() as m:
+        full_disk(m, "run.json")
+        with pytest.raises((OSError, UserInputError), match="(?i)no space left"):
+            mini_study.execute(run, threads=1)
+    assert not (run.dir / "run.json").exists() and not run.finished()
+    mini_study.execute_all([run], jobs=1, threads=1)
+    assert run.finished()
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, fake_main):
+    study = tiny_plan(tmp_path)
+    for run in (study.arms[("detr", "raw", 0, 0)], study.pretrain[("detr", 0)]):
+        fake_main.stop = True
+        with pytest.raises(KeyboardInterrupt):
+            mini_study.execute(run, threads=1)
+        assert not run.finished() and run.resumable()
+        fake_main.stop = False
+        mini_study.execute_all([run], jobs=1, threads=1)
+        resumed, planned = vars(fake_main.calls[-1]), vars(mini_study.parse_flags(run.flags))
+        # the checkpoint's whole training state instead of --finetune's weights; nothing else changed
+        assert resumed["resume"] == str(run.dir / "checkpoint.pth") and resumed["finetune"] == ""
+        assert {k for k in planned if planned[k] != resumed[k]} <= {"resume", "finetune"}
+        assert run.finished() and len(run.rows()) == 2  # the stopped part's log is kept
+
+
+def test_a_stopped_run_with_other_flags_starts_over(tmp_path, fake_main):
+    run = tiny_plan(tmp_path).arms[("detr", "raw", 0, 0)]
+    fake_main.stop = True
+    with pytest.raises(KeyboardInterrupt):
+        mini_study.execute(run, threads=1)
+    other = mini_study.Run(run.dir, run.flags[:-2] + ["--lr", "1e-3"])
+    assert not other.resumable()
+    fake_main.stop = False
+    mini_study.execute(other, threads=1)
+    args = fake_main.calls[-1]
+    assert (args.resume, args.finetune, args.lr) == ("", run.flags[run.flags.index("--finetune") + 1], 1e-3)
+    assert len(other.rows()) == 1 and other.finished() and not run.finished()
+
+
+def test_run_json_is_written_before_the_checkpoints_are_dropped(tmp_path, monkeypatch, fake_main):
+    run = tiny_plan(tmp_path).arms[("detr", "raw", 0, 0)]
+    unlink = Path.unlink
+
+    def killed_at_checkpoints(path, *args, **kwargs):
+        if path.name.startswith("checkpoint"):
+            raise KeyboardInterrupt
+        return unlink(path, *args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", killed_at_checkpoints)
+        with pytest.raises(KeyboardInterrupt):
+            mini_study.execute(run, threads=1)
+    assert run.finished()  # not trained again; the next call drops the checkpoint
+    mini_study.execute_all([run], jobs=1, threads=1)
+    assert len(fake_main.calls) == 1 and not (run.dir / "checkpoint.pth").exists()
+
+
 # ----------------------------------------------------------------------------- the smoke study
 
 def test_smoke_evaluates_every_arm_and_writes_the_tables_and_plots(smoke):
@@ -347,3 +548,24 @@ def test_finished_runs_are_reused_only_with_the_same_flags(smoke):
     assert not mini_study.Run(run.dir, run.flags[:-2] + ["--lr", "1e-3"]).finished()
     assert run.seconds() > 0
     assert math.isfinite(run.coco()[0])
+
+
+def test_a_killed_fine_tuning_run_resumes_with_main_py_to_the_same_numbers(smoke, tmp_path, monkeypatch):
+    flags = smoke_study(smoke).arms[("detr", "raw", 0, 0)].flags[:-2] + ["--epochs", "2"]
+    whole = mini_study.Run(tmp_path / "whole", flags)
+    mini_study.execute(whole, threads=1)
+    stopped = mini_study.Run(tmp_path / "stopped", flags)
+    save_epoch = mini_study.detr_main.save_epoch
+
+    def killed_after_the_first_epoch(output_dir, epoch, *args):
+        save_epoch(output_dir, epoch, *args)
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(mini_study.detr_main, "save_epoch", killed_after_the_first_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            mini_study.execute(stopped, threads=1)
+    assert len(stopped.rows()) == 1 and stopped.resumable()
+    mini_study.execute(stopped, threads=1)
+    assert "Resumed from" in (stopped.dir / "stdout.txt").read_text()
+    assert stopped.finished() and stopped.rows() == whole.rows()
+    assert stopped.iterations() == whole.iterations()
