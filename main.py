@@ -299,6 +299,24 @@ def check_data_layout(partial_epoch, epoch, args):
                              "same to continue that epoch")
 
 
+# What the optimizer and its schedule were built from: a resume restores their state (the
+# learning rates, the StepLR period, the parameter groups), so a changed value would be ignored
+# or, for the groups, fail to load.
+OPTIMIZER_FLAGS = ("sgd", "lr", "lr_backbone", "weight_decay", "lr_drop", "lr_backbone_names",
+                   "lr_linear_proj_names", "lr_linear_proj_mult")
+
+
+def check_resumed_optimizer(resumed_args, args):
+    """Refuse a --resume whose optimizer flags differ from those the checkpoint was trained with."""
+    for flag in OPTIMIZER_FLAGS:
+        then, now = getattr(resumed_args, flag, None), getattr(args, flag, None)
+        if then is not None and now is not None and then != now:
+            raise UserInputError(
+                f"--resume {args.resume} was trained with --{flag} {then}, this run asks for {now}: a resumed run "
+                f"keeps its optimizer and learning-rate schedule; pass --{flag} {then}, or start a new run from its "
+                "weights with --finetune")
+
+
 def restore(args, finetune, resume, model, criterion, optimizer, lr_scheduler, amp):
     """Load the --finetune checkpoint (weights only) and the --resume one (the whole training
     state, unless --eval); either may be None. Returns the record of the epoch a mid-epoch
@@ -314,6 +332,7 @@ def restore(args, finetune, resume, model, criterion, optimizer, lr_scheduler, a
     fit_state_dict(model, model_state_from_checkpoint(resume, args.resume), source=args.resume)
     if args.eval or not all(k in resume for k in ("optimizer", "lr_scheduler", "epoch")):
         return None, None
+    check_resumed_optimizer(resume.get("args"), args)
     partial_epoch = resume.get("partial_epoch")
     if partial_epoch is not None:
         check_data_layout(partial_epoch, resume["epoch"] + 1, args)
