@@ -118,7 +118,3 @@ class HungarianMatcher(nn.Module):
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         return assign_per_image(cost.view(bs, num_queries, -1), [len(t["boxes"]) for t in targets])
 
-
-def build_matcher(args, focal=False):
-    return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
-                            cost_giou=args.set_cost_giou, focal=focal)

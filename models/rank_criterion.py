@@ -61,8 +61,8 @@ def gather_ranked(layer, activation, neg_topk):
 class RankLayerResult(NamedTuple):
     losses: dict         # this layer's loss terms, keys without the layer's suffix
     record: RankRecord   # every process's detections of this micro-batch, detached
+    logged: dict         # logged of the final layer beside the losses (aLRP's weight)
     precision: None = None  # DAP's table; the ranking losses have none
-    logged: dict = {}    # logged of the final layer beside the losses (aLRP's weight)
 
 
 # ---------------------------------------------------------------------- exchange between processes

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from models.matcher import HungarianMatcher, assign_per_image, build_matcher
+from models.matcher import HungarianMatcher, assign_per_image
+from models.set_criterion import build_matcher
 
 from conftest import reference_giou
 
@@ -103,9 +104,10 @@ def test_assign_per_image_splits_the_batched_cost():
 
 def test_build_matcher_and_all_zero_weights():
     class Args:
-        set_cost_class, set_cost_bbox, set_cost_giou = 1, 5, 2
+        matcher, set_cost_class, set_cost_bbox, set_cost_giou = "hungarian", 1, 5, 2
 
-    m = build_matcher(Args)
-    assert (m.cost_class, m.cost_bbox, m.cost_giou) == (1, 5, 2)
+    m = build_matcher(Args, "softmax")
+    assert (m.cost_class, m.cost_bbox, m.cost_giou, m.focal) == (1, 5, 2, False)
+    assert build_matcher(Args, "sigmoid").focal
     with pytest.raises(ValueError):
         HungarianMatcher(0, 0, 0)
