@@ -98,7 +98,7 @@ class AccumulationSteps:
 
 def learning_rates(optimizer):
     """The learning rate of every parameter group: 'lr' the first's (the head's and the
-    transformer's), 'lr_groupI' the others' (the backbone's is group 1)."""
+    transformer's), 'lr_groupI' the others' (each family's param_groups says which is which)."""
     groups = optimizer.param_groups
     return {"lr": groups[0]["lr"], **{f"lr_group{i}": group["lr"] for i, group in enumerate(groups) if i}}
 

@@ -150,7 +150,8 @@ def add_args(parser):
     group = parser.add_argument_group("RT-DETR")
     group.add_argument("--no_iou_aware_query_selection", dest="iou_aware_query_selection", action="store_false",
                        help="train the encoder's query-selection scores with the focal loss instead of the "
-                            "IoU-aware varifocal loss (the paper's RT-DETR-dagger rows); required by --loss dap")
+                            "IoU-aware varifocal loss (the paper's RT-DETR-dagger rows); required by --loss dap, "
+                            "ap, alrp and rs")
     group.add_argument("--num_denoising", default=100, type=non_negative_int,
                        help="denoising queries (positives and negatives, all groups); 0 disables denoising")
     group.add_argument("--label_noise_ratio", default=0.5, type=unit_interval,
