@@ -412,6 +412,10 @@ def build_run(args, device):
     ema = ModelEMA(model_without_ddp, args.ema_decay, args.ema_warmups) if args.ema else None
     if ema is not None and resume is not None and "ema" in resume:
         ema.load_state_dict(resume["ema"])
+    if args.eval and ema is None and resume is not None and "ema" in resume:
+        # the training's evaluations (log.txt) were of the average: these numbers will differ
+        print(f"Note: evaluating the weights of {args.resume} ('model'); its training evaluated their moving "
+              "average ('ema'): add --ema to evaluate that")
     run = Run(family, device, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, amp, ema,
               partial_epoch, steps_done)
     print("number of params:", run.n_parameters)

@@ -135,6 +135,23 @@ def test_train_checkpoint_resume_eval(synthetic_coco, tmp_path):
     assert saved["precision"].shape[0] == 10  # ten IoU thresholds
 
 
+def test_eval_of_an_ema_checkpoint_evaluates_what_training_evaluated(synthetic_coco, tmp_path, capsys):
+    """A run trained with --ema logs the evaluations of the average: --eval --ema reproduces them;
+    without --ema the raw weights are evaluated, and a note says so."""
+    flags = data_flags(synthetic_coco) + ["--ema", "--ema_decay", "0.5", "--ema_warmups", "1", "--lr", "1e-3"]
+    trained = str(tmp_path / "trained")
+    run(flags + ["--output_dir", trained, "--epochs", "1"])
+    logged = read_log(trained)[-1]["test_coco_eval_bbox"]
+    checkpoint = os.path.join(trained, "checkpoint.pth")
+    capsys.readouterr()
+    averaged = run(flags + ["--output_dir", str(tmp_path / "a"), "--eval", "--resume", checkpoint])
+    assert averaged["coco_eval_bbox"] == pytest.approx(logged, abs=1e-9)
+    assert "Note: evaluating" not in capsys.readouterr().out
+    raw = run(data_flags(synthetic_coco) + ["--output_dir", str(tmp_path / "b"), "--eval", "--resume", checkpoint])
+    assert "Note: evaluating the weights of" in capsys.readouterr().out
+    assert raw["loss"] != averaged["loss"]  # the raw weights, not the average
+
+
 @pytest.mark.parametrize("dies_in", ["evaluate", "save_checkpoint"])
 def test_a_job_killed_mid_epoch_logs_every_epoch_once(dies_in, synthetic_coco, tmp_path, monkeypatch):
     """Killed during epoch 1's evaluation (nothing logged yet) or between its log line and its
