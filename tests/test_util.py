@@ -185,6 +185,17 @@ def test_load_checkpoint_bad_files(tmp_path, content, match):
     assert str(path) in str(err.value)
 
 
+def test_a_checkpoint_that_is_a_folder_or_a_log_says_what_it_is(tmp_path):
+    with pytest.raises(UserInputError, match="is a folder: pass the checkpoint file in it") as err:
+        load_checkpoint(str(tmp_path))
+    assert str(tmp_path / "checkpoint.pth") in str(err.value)
+    # a run's log.txt: the line names the problem, never torch's advice to load with weights_only=False
+    (tmp_path / "log.txt").write_text('{"epoch": 0}\n')
+    with pytest.raises(UserInputError, match="corrupt or not a PyTorch file") as err:
+        load_checkpoint(str(tmp_path / "log.txt"))
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+
+
 def test_truncated_checkpoint_is_reported(tmp_path):
     path = tmp_path / "cut.pth"
     torch.save({"model": _Net().state_dict()}, path)

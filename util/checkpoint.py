@@ -32,6 +32,9 @@ def load_checkpoint(path_or_url):
                 # check_hash verifies the sha256 prefix in the released file names (e.g. -e632da11).
                 return torch.hub.load_state_dict_from_url(
                     path_or_url, map_location="cpu", check_hash=True, weights_only=True)
+            if os.path.isdir(path_or_url):
+                raise UserInputError(f"checkpoint {path_or_url} is a folder: pass the checkpoint file in it, e.g. "
+                                     f"{os.path.join(path_or_url, 'checkpoint.pth')}")
             if not os.path.isfile(path_or_url):
                 raise UserInputError(f"checkpoint not found: {path_or_url}")
             return torch.load(path_or_url, map_location="cpu", weights_only=True)
@@ -55,11 +58,17 @@ def load_checkpoint(path_or_url):
 
 
 def _first_line(error):
-    text = str(error).strip()
-    for line in text.splitlines():
+    """The line of a loading error that says what is wrong with the file; not torch's advice to
+    load it with weights_only=False (which would run any code the file carries)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    for line in lines:
         if "unsupported global" in line.lower():
-            return line.strip()
-    return text.splitlines()[0] if text else "no detail"
+            return line
+    if lines and lines[0].startswith("Weights only load failed"):
+        advice = ("Please file an issue", "Check the documentation")
+        reasons = [line for line in lines[1:] if not line.startswith(advice)]
+        return reasons[0] if reasons else "not a weights file"
+    return lines[0] if lines else "no detail"
 
 
 def model_state_from_checkpoint(checkpoint, source="checkpoint"):
