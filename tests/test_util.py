@@ -1,7 +1,9 @@
 import argparse
 import errno
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,10 +16,12 @@ from util.misc import (
     accuracy,
     cuda_device_index,
     first_host,
+    get_rng_state,
     inverse_sigmoid,
     least_advanced,
     nested_tensor_from_tensor_list,
     process_placement,
+    set_rng_state,
 )
 from util.output_dir import (
     continues_this_folder,
@@ -303,3 +307,15 @@ def test_resume_continues_this_folder_only_from_its_own_checkpoint(tmp_path):
     assert not continues_this_folder(str(tmp_path / "other" / "checkpoint.pth"), tmp_path)
     assert not continues_this_folder("https://example.com/detr-r50-e632da11.pth", tmp_path)
     assert not continues_this_folder("", tmp_path)
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal()  # a cached Gaussian in numpy's state
+    torch.save({"rng": get_rng_state()}, tmp_path / "state.pth")
+    expected = (random.random(), torch.rand(2), np.random.standard_normal(3))
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    set_rng_state(torch.load(tmp_path / "state.pth", weights_only=True)["rng"])
+    got = (random.random(), torch.rand(2), np.random.standard_normal(3))
+    assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and (got[2] == expected[2]).all()
+    set_rng_state(get_rng_state()[:3])  # a checkpoint written before numpy's state was kept

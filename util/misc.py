@@ -328,17 +328,23 @@ def seed_everything(*keys):
 
 
 def get_rng_state():
-    """The state of every generator a forward pass may draw from (random, torch, CUDA)."""
+    """The state of every generator seed_everything seeds (random, torch, CUDA, numpy), in types a
+    weights-only checkpoint holds (numpy's key as a tensor)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return random.getstate(), torch.get_rng_state(), cuda
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached_gaussian)
+    return random.getstate(), torch.get_rng_state(), cuda, numpy_state
 
 
 def set_rng_state(state):
-    python, cpu, cuda = state
+    python, cpu, cuda, *numpy_state = state  # no numpy state in checkpoints written before it was kept
     random.setstate(python)
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
+    if numpy_state:
+        name, key, pos, has_gauss, cached_gaussian = numpy_state[0]
+        np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
 
 
 def scaled_size(size, input_scale=1.0, stride=32):
