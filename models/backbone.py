@@ -9,39 +9,10 @@ from torch import nn
 from util.errors import UserInputError
 from util.misc import NestedTensor, is_main_process
 
+from .layers import FrozenBatchNorm2d
 from .position_encoding import build_position_encoding
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d whose statistics and affine parameters are fixed buffers.
-
-    DETR trains with 2 images per GPU, too few for batch statistics. The module keeps no
-    `num_batches_tracked`, so its state dict matches the released DETR checkpoints.
-    """
-
-    def __init__(self, n, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(n))
-        self.register_buffer("bias", torch.zeros(n))
-        self.register_buffer("running_mean", torch.zeros(n))
-        self.register_buffer("running_var", torch.ones(n))
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                              missing_keys, unexpected_keys, error_msgs):
-        # torchvision's ImageNet weights come from a real BatchNorm2d and carry this counter.
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                      missing_keys, unexpected_keys, error_msgs)
-
-    def forward(self, x):
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        # Folded in float32, applied in the input's dtype: under --amp the float32 buffers would
-        # otherwise promote every feature map to float32 between the convolutions.
-        return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
 
 
 class LayerGetter(nn.ModuleDict):

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import TransformerEncoder, TransformerEncoderLayer
 from .presnet import ConvNormLayer, activation
-from .transformer import TransformerEncoder, TransformerEncoderLayer
 
 
 class RepVggBlock(nn.Module):
@@ -75,7 +75,7 @@ class HybridEncoder(nn.Module):
         self.input_proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=1, bias=False), nn.BatchNorm2d(hidden_dim))
             for c in in_channels)
-        # DETR's post-norm encoder layer is the same computation with the same parameter names.
+        # The shared (DETR's) post-norm encoder layer is the same computation with the same parameter names.
         layer = TransformerEncoderLayer(hidden_dim, nhead, dim_feedforward, dropout, activation=enc_act)
         self.encoder = nn.ModuleList(TransformerEncoder(copy.deepcopy(layer), num_encoder_layers)
                                      for _ in self.use_encoder_idx)

@@ -11,7 +11,7 @@ from util.checkpoint import load_checkpoint
 from util.errors import UserInputError
 from util.misc import is_main_process
 
-from .backbone import FrozenBatchNorm2d
+from .layers import FrozenBatchNorm2d
 
 # depth -> blocks per stage
 STAGE_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}

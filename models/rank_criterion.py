@@ -1,6 +1,6 @@
 """
 The ranking losses of docs/LOSSES.md (AP-Loss, aLRP Loss, Rank & Sort Loss) on a detector's
-outputs: the same positives and negatives as DAP-loss (models.dap_criterion.gather_detections),
+outputs: the same positives and negatives as DAP-loss (models.detections.gather_detections),
 scored by their log-odds, and ranked over the whole step's batch, across processes and
 micro-batches. The mathematics is models.rank_losses; models.set_criterion calls RankingLoss on
 every layer whose losses name it, as it calls DAPLoss.
@@ -20,7 +20,7 @@ from torch import nn
 from util import box_ops
 from util.misc import get_world_size, is_dist_avail_and_initialized
 
-from .dap_criterion import gather_detections
+from .detections import gather_detections
 from .rank_losses import alrp_loss_terms, ap_loss, rank_sort_loss_terms
 
 RANKING_LOSSES = ("ap", "alrp", "rs")
@@ -176,7 +176,7 @@ class RankingLoss(nn.Module):
         self.delta = delta
 
     def forward(self, layers, totals, step):
-        """layers: DAPLayers (name, outputs, indices, pairs); totals: the step totals
+        """layers: BatchLossLayers (name, outputs, indices, pairs); totals: the step totals
         (set_criterion), of which shares, the number of (process, micro-batch) pairs of the step;
         step: the StepContext, whose counting pass gives the step's other micro-batches.
         Returns {layer name: RankLayerResult}."""

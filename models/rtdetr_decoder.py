@@ -11,9 +11,8 @@ from torch import nn
 from util.misc import inverse_sigmoid
 
 from .denoising import contrastive_denoising_groups
-from .layers import MLP, attend
+from .layers import MLP, ResidualLayer, attend
 from .ops import MSDeformAttn
-from .transformer import ResidualLayer
 
 
 class DecoderLayer(ResidualLayer):

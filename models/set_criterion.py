@@ -38,8 +38,9 @@ from torch import nn
 from util import box_ops
 from util.misc import get_world_size, is_dist_avail_and_initialized
 
-from .dap_criterion import DAPLayer, DAPLoss
+from .dap_criterion import DAPLoss
 from .dap_matcher import DAPMatcher
+from .detections import BatchLossLayer
 from .matcher import HungarianMatcher, matched_pairs
 from .rank_criterion import RankingLoss
 
@@ -253,8 +254,8 @@ class BaseSetCriterion(nn.Module):
                 # log_softmax per layer and one backward through it, not one each.
                 outputs = {**outputs, "pred_log_probs": outputs["pred_logits"].float().log_softmax(-1)}
             if with_batch_loss:
-                batch_layers.append(DAPLayer(layer.name, outputs, indices, pairs,
-                                             final=layer.name == FINAL_LAYER))
+                batch_layers.append(BatchLossLayer(layer.name, outputs, indices, pairs,
+                                                   final=layer.name == FINAL_LAYER))
             if not raw_losses:
                 continue
             layer_totals = {**totals, "num_boxes": totals["num_boxes"] * layer.box_groups}

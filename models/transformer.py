@@ -8,7 +8,15 @@ one only with pre-norm. Tensors are sequence-first: [S, B, C].
 import torch
 from torch import nn
 
-from .layers import activation_fn, attend, get_clones, with_pos_embed
+from .layers import (
+    ResidualLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+    activation_fn,
+    attend,
+    get_clones,
+    with_pos_embed,
+)
 
 
 class Transformer(nn.Module):
@@ -52,23 +60,6 @@ class Transformer(nn.Module):
         return hs.transpose(1, 2), memory.permute(1, 2, 0).view(bs, c, h, w)
 
 
-class TransformerEncoder(nn.Module):
-
-    def __init__(self, encoder_layer, num_layers, norm=None):
-        super().__init__()
-        self.layers = get_clones(encoder_layer, num_layers)
-        self.num_layers = num_layers
-        self.norm = norm
-
-    def forward(self, src, src_key_padding_mask=None, pos=None):
-        output = src
-        for layer in self.layers:
-            output = layer(output, src_key_padding_mask=src_key_padding_mask, pos=pos)
-        if self.norm is not None:
-            output = self.norm(output)
-        return output
-
-
 class TransformerDecoder(nn.Module):
 
     def __init__(self, decoder_layer, num_layers, norm, return_intermediate=False):
@@ -90,49 +81,6 @@ class TransformerDecoder(nn.Module):
         if self.return_intermediate:
             return torch.stack(intermediate)
         return self.norm(output).unsqueeze(0)
-
-
-class ResidualLayer(nn.Module):
-    """Residual wiring shared by the encoder and decoder layers.
-
-    Post-norm: x = norm(x + dropout(f(x))). Pre-norm: x = x + dropout(f(norm(x))).
-    """
-
-    def __init__(self, normalize_before):
-        super().__init__()
-        self.normalize_before = normalize_before
-
-    def _residual(self, x, sublayer, norm, dropout):
-        if self.normalize_before:
-            return x + dropout(sublayer(norm(x)))
-        return norm(x + dropout(sublayer(x)))
-
-    def _ffn(self, x):
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
-
-
-class TransformerEncoderLayer(ResidualLayer):
-
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
-                 normalize_before=False):
-        super().__init__(normalize_before)
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.activation = activation_fn(activation)
-
-    def forward(self, src, src_key_padding_mask=None, pos=None):
-        def self_attention(x):
-            q = k = with_pos_embed(x, pos)
-            return attend(self.self_attn, q, k, x, key_padding_mask=src_key_padding_mask)
-
-        src = self._residual(src, self_attention, self.norm1, self.dropout1)
-        return self._residual(src, self._ffn, self.norm2, self.dropout2)
 
 
 class TransformerDecoderLayer(ResidualLayer):

@@ -11,12 +11,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from main import get_args_parser
 from models import build_model, dap_criterion
 from models import matcher as matcher_module
-from models.dap_criterion import DAPLayer, DAPLoss, gather_detections
+from models.dap_criterion import DAPLoss
 from models.dap_functional import (
     class_probabilities,
     differentiable_ap,
     differentiable_ap_terms,
 )
+from models.detections import BatchLossLayer, gather_detections, softmax_log_odds
 from models.matcher import matched_pairs
 from models.set_criterion import StepContext
 from util import box_ops
@@ -323,7 +324,7 @@ def test_dap_loss_reads_nothing_back_to_the_host(activation, num_logits, with_ot
     dap = DAPLoss(activation=activation, num_bins=8, neg_topk=7)
     num_matched = torch.tensor(5.0)
     pairs = matched_pairs(targets, indices)
-    layers = [DAPLayer("", outputs, indices, pairs), DAPLayer("_0", outputs, indices, pairs)]
+    layers = [BatchLossLayer("", outputs, indices, pairs), BatchLossLayer("_0", outputs, indices, pairs)]
     totals = {"num_matched": num_matched, "shares": 2}
     if with_others:
         records = {name: r.record for name, r in dap(layers, totals, StepContext.single(targets)).items()}
@@ -349,7 +350,7 @@ def test_dap_loss_of_several_layers_equals_each_layer_alone(activation, num_logi
         outputs, targets, indices = random_layer(i, target_counts=counts, num_logits=num_logits)
         for t in outputs.values():
             t.requires_grad_()
-        layers.append(DAPLayer(f"_{i}", outputs, indices, matched_pairs(targets, indices)))
+        layers.append(BatchLossLayer(f"_{i}", outputs, indices, matched_pairs(targets, indices)))
         layer_targets.append(targets)
     dap = DAPLoss(activation=activation, num_bins=8, neg_topk=7)
     reducers = []
@@ -391,7 +392,7 @@ def test_gather_detections_log_odds_are_the_logits_of_the_probabilities(activati
 
 def test_softmax_log_odds_are_finite_where_the_probability_rounds_to_one():
     logits = torch.tensor([[40.0, 0.0, -3.0], [0.0, 1.0, 2.0]])
-    got = dap_criterion.softmax_log_odds(logits, torch.tensor([0, 2]))
+    got = softmax_log_odds(logits, torch.tensor([0, 2]))
     want = [40.0 - math.log(1 + math.exp(-3.0)), 2.0 - math.log(math.exp(0.0) + math.exp(1.0))]
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=0)
     assert torch.softmax(logits[0], 0)[0] == 1.0  # where the probability alone cannot tell

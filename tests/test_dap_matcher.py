@@ -11,9 +11,9 @@ from scipy.optimize import linear_sum_assignment
 
 import main as detr_main
 from models import build_model
-from models.dap_criterion import gather_detections
 from models.dap_functional import ap_matching_cost, constant_precision, differentiable_ap_terms
 from models.dap_matcher import DAPMatcher
+from models.detections import gather_detections
 from models.matcher import matched_pairs
 from util.checkpoint import load_checkpoint, restore_criterion
 

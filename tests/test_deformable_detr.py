@@ -12,10 +12,10 @@ from test_matcher import brute_force_min, random_boxes, reference_cost
 import main as detr_main
 from models import build_model
 from models.backbone import Backbone
-from models.dap_criterion import gather_detections
 from models.dap_functional import differentiable_ap_terms
 from models.deformable_detr import SetCriterion
 from models.deformable_transformer import DeformableTransformer, DeformableTransformerEncoder
+from models.detections import gather_detections
 from models.matcher import HungarianMatcher, focal_class_cost, matched_pairs
 from models.postprocess import TopKPostProcess
 from models.set_criterion import sigmoid_focal_loss

@@ -10,10 +10,11 @@ from torch import nn
 
 import main
 from models import build_model
-from models.backbone import Backbone, FrozenBatchNorm2d
+from models.backbone import Backbone
+from models.layers import FrozenBatchNorm2d, TransformerEncoderLayer
 from models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine, build_position_encoding
 from models.postprocess import PostProcess
-from models.transformer import Transformer, TransformerDecoderLayer, TransformerEncoderLayer
+from models.transformer import Transformer, TransformerDecoderLayer
 from util.errors import UserInputError
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 

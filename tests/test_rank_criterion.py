@@ -12,7 +12,7 @@ from test_dap_criterion import random_layer
 from test_dap_training import make_big_box_coco
 
 import main as detr_main
-from models.dap_criterion import DAPLayer, gather_detections
+from models.detections import BatchLossLayer, gather_detections
 from models.matcher import matched_pairs
 from models.rank_criterion import RankingLoss, SelfBalance, scaled_gradient
 from models.rank_losses import alrp_loss_terms, ap_loss, rank_sort_loss_terms
@@ -33,7 +33,7 @@ def test_ap_loss_of_a_layer_is_ap_loss_of_its_detections(activation, num_logits,
     pairs = matched_pairs(targets, indices)
     leaves = leaves_of(outputs)
     result = RankingLoss("ap", activation=activation, neg_topk=7)(
-        [DAPLayer("", outputs, indices, pairs, final=True)], {"shares": shares}, StepContext.single(targets))[""]
+        [BatchLossLayer("", outputs, indices, pairs, final=True)], {"shares": shares}, StepContext.single(targets))[""]
     pos, _, neg, weights = gather_detections(outputs, pairs, activation, 7, log_odds=True)
     expected = ap_loss(pos, neg, weights)
     torch.testing.assert_close(result.losses["loss_ap"], expected.to(result.losses["loss_ap"].dtype))
@@ -63,7 +63,7 @@ def test_rs_giou_term_is_as_large_as_rs_loss_and_trains_the_boxes(activation, nu
     pairs = matched_pairs(targets, indices)
     leaves_of(outputs)
     result = RankingLoss("rs", activation=activation, neg_topk=7)(
-        [DAPLayer("", outputs, indices, pairs, final=True)], {"shares": 1}, StepContext.single(targets))[""]
+        [BatchLossLayer("", outputs, indices, pairs, final=True)], {"shares": 1}, StepContext.single(targets))[""]
     pos, ious, neg, weights = gather_detections(outputs, pairs, activation, 7, log_odds=True)
     terms = rank_sort_loss_terms(pos, ious, neg, weights)
     torch.testing.assert_close(result.losses["loss_rs"], (terms.ranking + terms.sorting).float())
@@ -107,7 +107,8 @@ def test_alrp_terms_of_a_layer_and_the_weighted_localisation(activation, num_log
     leaves_of(outputs)
     loss = RankingLoss("alrp", activation=activation, neg_topk=7)
     loss.balance.weight.fill_(4.0)
-    result = loss([DAPLayer("", outputs, indices, pairs, final=True)], {"shares": 1}, StepContext.single(targets))[""]
+    result = loss([BatchLossLayer("", outputs, indices, pairs, final=True)], {"shares": 1},
+                  StepContext.single(targets))[""]
     pos, ious, neg, weights = gather_detections(outputs, pairs, activation, 7, log_odds=True)
     terms = alrp_loss_terms(pos, ious, neg, weights)
     torch.testing.assert_close(result.losses["loss_alrp"], terms.classification.float())
