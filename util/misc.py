@@ -329,10 +329,10 @@ def seed_everything(*keys):
 
 def get_rng_state():
     """The state of every generator seed_everything seeds (random, torch, CUDA, numpy), in types a
-    weights-only checkpoint holds (numpy's key as a tensor)."""
+    weights-only checkpoint holds (numpy's key as a list; never a tensor read back)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
-    numpy_state = (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached_gaussian)
+    numpy_state = (name, key.tolist(), pos, has_gauss, cached_gaussian)
     return random.getstate(), torch.get_rng_state(), cuda, numpy_state
 
 
@@ -344,7 +344,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(cuda)
     if numpy_state:
         name, key, pos, has_gauss, cached_gaussian = numpy_state[0]
-        np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+        np.random.set_state((name, np.array(key, dtype=np.uint32), pos, has_gauss, cached_gaussian))
 
 
 def scaled_size(size, input_scale=1.0, stride=32):
