@@ -210,6 +210,22 @@ def get_args_parser():
     return parser
 
 
+def check_family_flags(args):
+    """A flag of another family's own group (Deformable DETR's --two_stage, RT-DETR's
+    --num_denoising, ...) set to something else than its default does nothing under --model:
+    most likely --model was forgotten."""
+    for family in FAMILIES.values():
+        if family.name == args.model or family.add_args is None:
+            continue
+        probe = argparse.ArgumentParser(add_help=False)
+        family.add_args(probe)
+        for action in probe._actions:
+            default = FAMILIES[args.model].defaults.get(action.dest, action.default)
+            if getattr(args, action.dest, default) != default:
+                raise UserInputError(f"{action.option_strings[0]} is a flag of --model {family.name}; with --model "
+                                     f"{args.model} it does nothing: add --model {family.name}, or drop it")
+
+
 def check_args(args):
     """Refuse flag combinations that cannot work, before anything is loaded or built (the
     parser has checked each value's range)."""
@@ -229,6 +245,7 @@ def check_args(args):
     if args.matcher == "dap" and args.dap_cost_mode == "momentum" and args.loss not in ("dap", "raw+dap"):
         raise UserInputError(f"--dap_cost_mode momentum averages the precision of DAP-loss, which --loss {args.loss} "
                              f"does not compute: use --loss dap or raw+dap, or --dap_cost_mode constant")
+    check_family_flags(args)
     FAMILIES[args.model].check_args(args)
     args.eval_backend = resolve_eval_backend(args.eval_backend)
     if args.tensorboard and not tensorboard_installed():

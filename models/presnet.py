@@ -16,6 +16,8 @@ from .layers import FrozenBatchNorm2d
 # depth -> blocks per stage
 STAGE_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 STAGE_WIDTHS = [64, 128, 256, 512]
+# The strides of the three feature maps the backbone returns (stages 2-4).
+OUT_STRIDES = (8, 16, 32)
 PRETRAINED_URLS = {
     depth: f"https://github.com/lyuwenyu/storage/releases/download/v0.1/{name}_pretrained_from_paddle.pth"
     for depth, name in [(18, "ResNet18_vd"), (34, "ResNet34_vd"), (50, "ResNet50_vd_ssld_v2"),
@@ -124,7 +126,7 @@ class PResNet(nn.Module):
             ch_in = width * block.expansion
         self.res_layers = nn.ModuleList(stages)
         self.out_channels = [w * block.expansion for w in STAGE_WIDTHS[1:]]
-        self.out_strides = [8, 16, 32]
+        self.out_strides = list(OUT_STRIDES)
 
         for name, parameter in self.named_parameters():
             if not train_backbone or (frozen and name.startswith("conv1.")):

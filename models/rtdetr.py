@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datasets.rtdetr_transforms import IMAGE_SIZE
 from util import box_ops
 from util.args import non_negative_float, non_negative_int, unit_interval
 from util.coco import COCO_CATEGORY_IDS
@@ -21,7 +22,7 @@ from .denoising import denoising_match_indices
 from .family import DetectorFamily
 from .hybrid_encoder import HybridEncoder
 from .postprocess import TopKPostProcess
-from .presnet import build_presnet
+from .presnet import OUT_STRIDES, build_presnet
 from .rtdetr_decoder import RTDETRDecoder
 from .set_criterion import (
     BaseSetCriterion,
@@ -218,6 +219,15 @@ def check_args(args):
     if args.backbone not in BACKBONE_PRESETS:
         raise UserInputError(f"unknown --backbone {args.backbone!r} for RT-DETR; use one of "
                              f"{', '.join(BACKBONE_PRESETS)}")
+    # The query selection keeps num_queries of the encoder's positions, all levels together: the
+    # smallest image of the run (square: RT-DETR resizes to size x size) must have as many.
+    multi_scale = args.multi_scale and args.train_augmentation
+    smallest = scaled_size(min(MULTI_SCALE_SIZES) if multi_scale else IMAGE_SIZE, args.input_scale)
+    positions = sum((smallest // stride) ** 2 for stride in OUT_STRIDES)
+    if positions < args.num_queries:
+        raise UserInputError(f"--num_queries {args.num_queries} is more than the {positions} encoder positions of the "
+                             f"smallest image ({smallest} px with --input_scale {args.input_scale}"
+                             f"{', multi-scale' if multi_scale else ''}): lower --num_queries, or raise --input_scale")
     width = int(args.hidden_dim * BACKBONE_PRESETS[args.backbone]["width_mult"])
     if width % args.nheads:
         raise UserInputError(f"the encoder width {width} (--hidden_dim {args.hidden_dim} for {args.backbone}) is "
