@@ -103,18 +103,6 @@ def learning_rates(optimizer):
     return {"lr": groups[0]["lr"], **{f"lr_group{i}": group["lr"] for i, group in enumerate(groups) if i}}
 
 
-def precision_tables(criterion):
-    """DAP's precision tables at the epoch's end, lists [10 IoU thresholds][N bins]: the final
-    layer's of the last step and, under --dap_cost_mode momentum, the matcher's. One host read per
-    epoch: the steps only keep the last table."""
-    tables = {}
-    if criterion.final_precision is not None:
-        tables["dap_precision_table"] = criterion.final_precision.tolist()
-    if getattr(criterion.matcher, "mode", None) == "momentum":
-        tables["matcher_precision_table"] = criterion.matcher.precision.tolist()
-    return tables
-
-
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0, print_freq=10,
                     accum_iter=1, ema=None, iteration_log=None, amp=None, stopped=None, board=None):
     """One epoch; each optimisation step accumulates the gradients of accum_iter batches.
@@ -141,7 +129,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     if stopped is not None:
         metric_logger.load_state_dict(stopped["meters"])
         first_step = stopped["steps_done"]
-        criterion.final_precision = stopped.get("final_precision")  # the epoch may have no step left
+        criterion.continue_epoch(stopped.get("final_precision"))  # the epoch may have no step left
     header = f"Epoch: [{epoch}]"
 
     with open(iteration_log, "a") if iteration_log else contextlib.nullcontext() as log_file:
@@ -173,7 +161,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
-    return {**stats, **precision_tables(criterion)}, None
+    return {**stats, **criterion.precision_tables()}, None
 
 
 def counting_pass(model, criterion, step_samples, step_targets, amp):

@@ -155,6 +155,22 @@ class BaseSetCriterion(nn.Module):
         """Whether an accumulated step must be counted first (see the module docstring)."""
         return self.batch_loss is not None
 
+    def precision_tables(self):
+        """DAP's precision tables at the epoch's end, lists [10 IoU thresholds][N bins]: the final
+        layer's of the last step and, under --dap_cost_mode momentum, the matcher's. One host read
+        per epoch: the steps only keep the last table."""
+        tables = {}
+        if self.final_precision is not None:
+            tables["dap_precision_table"] = self.final_precision.tolist()
+        if getattr(self.matcher, "mode", None) == "momentum":
+            tables["matcher_precision_table"] = self.matcher.precision.tolist()
+        return tables
+
+    def continue_epoch(self, final_precision):
+        """An epoch continued from a mid-epoch checkpoint: the final layer's table of the last step
+        done (None if it had none), which precision_tables reports if no step is left."""
+        self.final_precision = final_precision
+
     def has_batch_loss(self, layer):
         return self.batch_loss is not None and self.batch_loss.name in layer.losses
 
