@@ -20,6 +20,7 @@ import util.misc as utils
 from benchmarks import environment
 from engine import MixedPrecision, train_step
 from models import build_model
+from util.args import positive_int
 
 # name: (loss flags, images per micro-batch, micro-batches per step)
 SETTINGS = {
@@ -70,8 +71,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backbone", default="resnet50")
-    p.add_argument("--size", type=int, default=800, help="image side in pixels")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--size", type=positive_int, default=800, help="image side in pixels")
+    p.add_argument("--repeats", type=positive_int, default=5)
     opts = p.parse_args()
     environment.keep_freed_memory()  # page faults would swamp the differences measured
     print(environment.header(opts.device))

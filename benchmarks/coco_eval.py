@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import environment
+from util.args import positive_int
 
 # CocoEvaluator with each backend, and faster-coco-eval on its own (not a backend: not bit-identical)
 SETTINGS = ("pycocotools", "hotcoco", "ultrafast-pycocotools", "faster-coco-eval")
@@ -149,9 +150,9 @@ def run_measurement(setting, folder):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 5000], help="numbers of images")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--reference_max", type=int, default=5000,
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[500, 5000], help="numbers of images")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--reference_max", type=positive_int, default=5000,
                         help="run pycocotools only up to this many images (it needs ~17 GB and >460 s at 50,000)")
     parser.add_argument("--measure", nargs=2, metavar=("SETTING", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()

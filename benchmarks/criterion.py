@@ -18,6 +18,7 @@ import torch
 import main as detr_main
 from benchmarks import environment
 from models import build_model
+from util.args import positive_int
 
 SCALES = {
     # model: images, queries, classes (without background), decoder layers, boxes per image
@@ -90,7 +91,7 @@ def peak_memory(criterion, outputs, targets, leaves, device):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=positive_int, default=10)
     p.add_argument("--models", nargs="+", default=["detr"], choices=sorted(SCALES))
     opts = p.parse_args()
     environment.keep_freed_memory()  # page faults would swamp the differences measured

@@ -20,6 +20,7 @@ from models.ops.functions import (
     ms_deform_attn_core_pytorch,
     ms_deform_attn_func,
 )
+from util.args import positive_int
 
 
 def spatial_shapes(height, width, strides):
@@ -55,7 +56,7 @@ def time_fwd_bwd(op, value, loc, attn, iters, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--iters", type=positive_int, default=10)
     args = parser.parse_args()
     torch.manual_seed(0)
 

@@ -26,6 +26,7 @@ from datasets import build_data_loaders, build_dataset
 from datasets.synthetic import make_synthetic_coco
 from main import build_optimizer, get_args_parser
 from models import FAMILIES, build_model
+from util.args import non_negative_int, positive_int
 
 TINY = ["--backbone", "resnet18", "--hidden_dim", "64", "--dim_feedforward", "128", "--nheads", "4",
         "--enc_layers", "1", "--dec_layers", "2", "--num_queries", "10", "--backbone_norm", "batch"]
@@ -130,9 +131,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--batch_size", type=int, default=2, help="images per step (the paper: 4 per GPU)")
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per setting")
+    p.add_argument("--batch_size", type=positive_int, default=2, help="images per step (the paper: 4 per GPU)")
+    p.add_argument("--num_workers", type=non_negative_int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed steps per setting")
     opts = p.parse_args()
     environment.keep_freed_memory()  # page faults would swamp the differences measured
     print(environment.header(opts.device))

@@ -8,20 +8,21 @@ import json
 import time
 
 from datasets.synthetic import make_synthetic_coco
+from util.args import positive_int
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--num_train", type=int, default=200)
-    parser.add_argument("--num_val", type=int, default=50)
-    parser.add_argument("--image_size", type=int, default=128, help="side of the square images")
+    parser.add_argument("--num_train", type=positive_int, default=200)
+    parser.add_argument("--num_val", type=positive_int, default=50)
+    parser.add_argument("--image_size", type=positive_int, default=128, help="side of the square images")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_classes", type=int, default=10,
+    parser.add_argument("--num_classes", type=positive_int, default=10,
                         help="largest category id + 1, the value to train with: "
                              "2, 3, 5, 6, 8, 10 (default, 6 shapes), 12 or 14 (all 8 shapes)")
-    parser.add_argument("--max_objects", type=int, default=6, help="objects per image: 1..this")
+    parser.add_argument("--max_objects", type=positive_int, default=6, help="objects per image: 1..this")
     args = parser.parse_args()
     start = time.time()
     try:
