@@ -226,12 +226,15 @@ def check_family_flags(args):
                                      f"{args.model} it does nothing: add --model {family.name}, or drop it")
 
 
-def check_args(args):
+def check_args(args, cuda_available=None):
     """Refuse flag combinations that cannot work, before anything is loaded or built (the
-    parser has checked each value's range)."""
+    parser has checked each value's range). cuda_available: whether the machine that will run
+    has CUDA (default: this one; run_with_submitit checks a job for a GPU node from a login node)."""
     if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
         raise UserInputError(f"--device {args.device} is not supported; use cuda, cuda:N or cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if args.device.startswith("cuda") and not cuda_available:
         raise UserInputError(f"--device {args.device} was requested but CUDA is not available; pass --device cpu")
     if args.hidden_dim % args.nheads:
         raise UserInputError(f"--hidden_dim {args.hidden_dim} is not divisible by --nheads {args.nheads}; "

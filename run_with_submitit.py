@@ -14,6 +14,12 @@ Every main.py flag is accepted (same parser, same per-model defaults). --ngpus i
 processes per node: one per GPU, or CPU processes (gloo) with --device cpu. The output folder and
 --job_dir (submitit's logs and pickles; default <output_dir>/submitit) must be on a file system
 that every node sees.
+
+Nothing is submitted unless main.py's checks that need no compute node pass here (check_submission:
+the flags, the batch split over the job's processes, --coco_path and its annotations, the
+--finetune / --resume files), so a job does not wait in the queue to fail on its first line. --coco_path
+and checkpoint paths are read from this machine at the path the job uses: on a cluster, a shared file
+system. Inside the job, a refusal of main.py is one line in its log, as on the command line.
 """
 import copy
 import os
@@ -26,6 +32,7 @@ from pathlib import Path
 import submitit
 
 import main as detr_main
+from datasets.coco import LAYOUT, category_ids, coco_files
 from util import preemption
 from util.args import OneLineParser, non_negative_int, positive_int
 from util.errors import UserInputError
@@ -107,6 +114,11 @@ class Trainer:
             print(f"Continuing from {checkpoint}", flush=True)
         try:
             return detr_main.main(args)
+        except UserInputError as e:
+            # As main.py's command line: one line (on every rank: print() is silenced on ranks but
+            # 0) and its exit status, where submitit would log the traceback.
+            sys.stderr.write(f"error: {e.one_line()}\n")
+            sys.exit(e.exit_status)
         except preemption.Preempted as stop:
             # It stopped after a step (or an epoch) and saved it: a requeued job goes on from there.
             sys.stderr.write(f"preempted: {stop}\n")  # print() is silenced on ranks but 0
@@ -129,15 +141,52 @@ class Trainer:
         return submitit.helpers.DelayedSubmission(type(self)(self.args))
 
 
-def check_paths(args):
-    """Fail at submission, not after waiting in the queue, on paths that cannot work."""
-    if not args.coco_path or not os.path.isdir(args.coco_path):
-        raise UserInputError(f"--coco_path {args.coco_path!r} is not a folder; pass the COCO root "
-                             f"(train2017/ val2017/ annotations/)")
+def check_submission(args):
+    """Refuse now, with one line, what main.py would refuse at the job's start: its flag checks,
+    the batch split over the job's processes, --coco_path and its annotations, the checkpoint
+    files. On a copy of args, as the job will see them (main.check_args edits args)."""
+    job_args = copy.deepcopy(args)
+    continue_in_output_dir(vars(job_args))  # a restarted run resumes from its output folder instead of --finetune
+    # A SLURM job on cuda asks for --ngpus GPUs per node (submit): its node has CUDA, unlike a
+    # login node that may have none. A local job runs here and is checked as it is.
+    job_has_cuda = job_args.cluster == "slurm" and str(job_args.device).startswith("cuda")
+    detr_main.check_args(job_args, cuda_available=True if job_has_cuda else None)
+    check_batch_split(job_args)
+    check_checkpoint_files(job_args)
+    check_dataset(job_args)
+
+
+def check_batch_split(args):
+    """main.set_batch_size's rule with the job's number of processes (--ngpus x --nodes)."""
+    processes = args.ngpus * args.nodes
+    if args.total_batch_size and args.total_batch_size % (processes * args.accum_iter):
+        raise UserInputError(f"--total_batch_size {args.total_batch_size} is not divisible by the job's {processes} "
+                             f"processes (--ngpus {args.ngpus} x --nodes {args.nodes}) x --accum_iter "
+                             f"{args.accum_iter}; change one of them")
+
+
+def check_checkpoint_files(args):
+    """A local --finetune / --resume file exists (a URL is fetched by the job)."""
     for flag in ("finetune", "resume"):
         value = getattr(args, flag)
         if value and not value.startswith(("http://", "https://")) and not os.path.isfile(value):
-            raise UserInputError(f"--{flag} {value}: file not found")
+            raise UserInputError(f"--{flag} {value}: file not found on this machine; the job reads it at this path, "
+                                 "so give a file on a file system the compute nodes share (or a URL)")
+
+
+def check_dataset(args):
+    """--coco_path holds the COCO layout and the validation annotations name valid categories, as
+    datasets.coco checks them in the job; read at the path the job uses."""
+    if args.coco_path is not None:
+        try:
+            os.stat(args.coco_path)
+        except OSError as e:
+            raise UserInputError(f"--coco_path {args.coco_path} is not accessible from this machine ({e.strerror}); "
+                                 "the job reads it at this path, so give a folder on a file system the compute "
+                                 f"nodes share, holding {LAYOUT}") from None
+    for image_set in ("train", "val"):
+        coco_files(args, image_set)
+    category_ids(args)
 
 
 def job_folders(args):
@@ -158,7 +207,7 @@ def submit(args):
                              "this machine (or torchrun, see scripts/reproduce.sh)")
     if args.cluster == "local" and args.nodes > 1:
         raise UserInputError("--cluster local runs on one node: use --nodes 1")
-    check_paths(args)
+    check_submission(args)
     job_dir, args.output_dir = job_folders(args)
     if "%j" not in job_dir:
         Path(job_dir).mkdir(parents=True, exist_ok=True)
@@ -191,7 +240,7 @@ def main(argv=None):
     try:
         job = submit(args)
     except UserInputError as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {e.one_line()}\n")
         sys.exit(2)
     print(f"Submitted job {job.job_id}; output in {args.output_dir}, logs in {job.paths.folder}")
     return job

@@ -11,8 +11,16 @@ Each run writes everything under OUTPUT_ROOT/<config name>[/<key>=<value>]; runn
 command again continues from its checkpoint.pth. `--set KEY=VALUE` overrides a config entry
 (a main.py flag or max_batch_per_gpu); flags after `--` are passed on unchanged (to
 run_with_submitit.py with --slurm, so SLURM options go there), after the config's flags.
+
+`KEY = true` passes --KEY; `KEY = false` passes the flag's off form where it has one (ema = false:
+--no_ema; aux_loss = false: --no_aux_loss) and nothing where leaving the flag out is off (sgd =
+false). Every entry of every run is checked with main.py's parser before any run starts: an unknown
+key, a value main.py refuses, or a false that no flag can express is refused with one line that
+names the config file (or the --set) and the key.
 """
 import argparse
+import difflib
+import functools
 import hashlib
 import os
 import re
@@ -26,6 +34,7 @@ import torch
 
 import main as detr_main
 from run_with_submitit import continue_in_output_dir, get_launcher_parser
+from util.args import OneLineParser
 from util.errors import UserInputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,19 +112,134 @@ def split_batch(total, world_size, max_per_gpu):
     return per_rank // accum, accum
 
 
-def to_argv(flags):
-    """The one place where a config becomes main.py flags: key = value -> --key value,
-    true -> --key, a list -> --key v1 v2; false and "" (the flag's default) -> omitted."""
-    argv = []
-    for key, value in flags.items():
-        if value is False or value == "":
-            continue
-        argv.append(f"--{key}")
-        if isinstance(value, list):
-            argv += [str(v) for v in value]
-        elif value is not True:
-            argv.append(str(value))
-    return argv
+class RefusingParser(argparse.ArgumentParser):
+    """An ArgumentParser that raises UserInputError with argparse's message, where argparse prints
+    the whole usage and exits, so that the caller can name the config entry it is about."""
+
+    def error(self, message):
+        raise UserInputError(message)
+
+    def exit(self, status=0, message=None):
+        if status:  # util.args.Unsupported refuses an upstream flag through exit()
+            raise UserInputError((message or "").strip().removeprefix("error: "))
+        super().exit(status, message)
+
+
+@functools.cache
+def main_flags():
+    """main.py's parser, every family's flags included, raising UserInputError. A parse leaves it
+    unchanged (util/args.py), so one serves every config."""
+    return RefusingParser("main.py", parents=[detr_main.get_args_parser()], add_help=False)
+
+
+def launcher_flags():
+    """run_with_submitit.py's parser, raising UserInputError."""
+    return RefusingParser("run_with_submitit.py", parents=[get_launcher_parser()], add_help=False)
+
+
+def is_switch(action):
+    """Whether a flag takes no value and stores True or False (--ema, --no_ema, --no_aux_loss)."""
+    return action.nargs == 0 and isinstance(action.const, bool)
+
+
+def switch_of(key, parser):
+    """(setting, value `KEY = true` asks for) when KEY is a switch (ema, no_aux_loss) or the setting
+    that switches store (aux_loss, set by --no_aux_loss); else None."""
+    action = parser._option_string_actions.get(f"--{key}")
+    if action is not None:
+        return (action.dest, action.const) if is_switch(action) else None
+    if any(is_switch(a) and a.dest == key for a in parser._actions):
+        return key, True
+    return None
+
+
+def switch_argv(key, on, parser, defaults):
+    """`KEY = true/false` as flags: the switch that stores the wanted value (--ema; ema = false:
+    --no_ema), or none where leaving them out gives it (sgd = false; aux_loss = true). Refused where
+    neither does: dropping the entry would silently keep the opposite."""
+    dest, value_if_true = switch_of(key, parser)
+    wanted = value_if_true if on else not value_if_true
+    setters = [a for a in parser._actions if is_switch(a) and a.dest == dest and a.const is wanted]
+    if parser._option_string_actions.get(f"--{key}") in setters:
+        return [f"--{key}"]
+    if setters:  # the off form even where it is the default: the command line shows what runs
+        return [setters[0].option_strings[0]]
+    default = getattr(defaults, dest)
+    if default == wanted:
+        return []
+    model = getattr(defaults, "model", None)
+    raise UserInputError(f"no main.py flag sets {dest} to {wanted} (its default"
+                         f"{f' for --model {model}' if model else ''} is {default}); remove the entry")
+
+
+def entry_argv(key, value, parser, defaults):
+    """The main.py flags of one config entry: key = value -> --key value, a list -> --key v1 v2,
+    true / false of a switch -> switch_argv, "" -> none (the flag's default: `--set finetune=`).
+    defaults: every flag's default under the config's --model (defaults_for)."""
+    if isinstance(value, bool) and switch_of(key, parser):
+        return switch_argv(key, value, parser, defaults)
+    if value is False:
+        raise UserInputError(f"--{key} is not an on/off flag: give it a value, or remove the entry")
+    if value is True:
+        return [f"--{key}"]  # a flag that takes a value: main.py's parser says which
+    if value == "":
+        return []
+    return [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
+
+
+def defaults_for(flags, parser):
+    """Every flag's default under the config's --model (the families' defaults differ)."""
+    return parser.parse_args(["--model", str(flags["model"])] if "model" in flags else [])
+
+
+def to_argv(flags, parser=None):
+    """The one place where a config becomes main.py flags (entry_argv of every entry)."""
+    parser = parser or main_flags()
+    defaults = defaults_for(flags, parser)
+    return [arg for key, value in flags.items() for arg in entry_argv(key, value, parser, defaults)]
+
+
+def check_keys(flags, where, parser):
+    """Refuse a key that names no main.py flag (a typo would be dropped, or taken by argparse for
+    the flag it abbreviates)."""
+    known = {option[2:] for option in parser._option_string_actions if option.startswith("--")}
+    known |= {action.dest for action in parser._actions if is_switch(action)}
+    for key in flags:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserInputError(f"{where(key)}: main.py has no flag --{key}{hint}; fix the key "
+                                 "(python main.py --help lists them)")
+
+
+def check_entries(flags, where, parser=None):
+    """Refuse, before anything runs, an entry that main.py would refuse or that would be lost: an
+    unknown key, a value out of its flag's range, a false that no flag expresses. where(key): the
+    config file or the --set that gave the key, for the one-line message."""
+    parser = parser or main_flags()
+    check_keys(flags, where, parser)
+    defaults = None
+    for key in sorted(flags, key=lambda k: k != "model"):  # --model first: the defaults depend on it
+        try:
+            if defaults is None:
+                defaults = defaults_for(flags, parser)
+            parser.parse_args(entry_argv(key, flags[key], parser, defaults))
+        except UserInputError as e:
+            raise UserInputError(f"{where(key)}: {e.one_line()}") from None
+
+
+def check_launch(launch, where):
+    """[launch] max_batch_per_gpu: a number of images, at least 1 (split_batch divides by it)."""
+    value = launch.get("max_batch_per_gpu", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserInputError(f"{where('max_batch_per_gpu')}: must be a positive integer (the most images one "
+                             f"GPU takes), got {value!r}")
+
+
+def origins(config_path, assignments):
+    """where(key) for messages: the --set that gave the key, else the config file."""
+    overrides = {item.partition("=")[0]: f"--set {item}" for item in assignments}
+    return lambda key: overrides.get(key, f"{config_path}, entry {key}")
 
 
 def resolve_checkpoint(value, checkpoint_dir):
@@ -148,7 +272,7 @@ def run_flags(flags, launch, *, world_size, coco_path, output_dir, checkpoint_di
     """The main.py flags of one run: the config's, the batch split for world_size processes,
     the data and output folders, and --resume from the output folder if the run has started."""
     flags = dict(flags)
-    total = flags.get("total_batch_size", 0)
+    total = int(flags.get("total_batch_size") or 0)  # a TOML string "56" parses too
     if total:
         if "max_batch_per_gpu" not in launch or "batch_size" in flags:
             raise UserInputError("a config with total_batch_size needs [launch] max_batch_per_gpu and no batch_size")
@@ -163,23 +287,26 @@ def run_flags(flags, launch, *, world_size, coco_path, output_dir, checkpoint_di
 
 
 def commands(opts, extra):
-    """[(output folder, command)] of every run of the config."""
+    """[(output folder, command)] of every run of the config, every one checked before any runs."""
     config = apply_overrides(load_config(opts.config), opts.set)
+    where = origins(opts.config, opts.set)
+    check_launch(config["launch"], where)
     name = Path(opts.config).stem
     world_size = opts.gpus * opts.nodes
     runs = []
     for point, flags in sweep_points(config):
+        check_entries(flags, where)
         output_dir = os.path.abspath(os.path.join(opts.output_root, name, point))
         argv = to_argv(run_flags(flags, config["launch"], world_size=world_size,
                                  coco_path=os.path.abspath(opts.coco_path),
                                  output_dir=output_dir, checkpoint_dir=opts.checkpoint_dir))
         if opts.slurm:
             argv = ["--ngpus", str(opts.gpus), "--nodes", str(opts.nodes), *argv, *extra]
-            get_launcher_parser().parse_args(argv)  # argparse's message and exit 2 on a bad flag
+            check_command_line(launcher_flags(), argv, opts.config)
             cmd = [sys.executable, str(REPO / "run_with_submitit.py"), *argv]
         else:
             argv += extra
-            argparse.ArgumentParser("main.py", parents=[detr_main.get_args_parser()]).parse_args(argv)
+            check_command_line(main_flags(), argv, opts.config)
             launcher = [sys.executable]
             if opts.gpus > 1:
                 launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={opts.gpus}"]
@@ -188,9 +315,18 @@ def commands(opts, extra):
     return runs
 
 
+def check_command_line(parser, argv, config_path):
+    """The whole command line parses (the config's entries already do: a refusal here is about
+    the flags after --)."""
+    try:
+        parser.parse_args(argv)
+    except UserInputError as e:
+        raise UserInputError(f"{config_path} with the flags after --: {e.one_line()}") from None
+
+
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     usage="reproduce.sh CONFIG [options] [-- main.py / launcher flags]")
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+                           usage="reproduce.sh CONFIG [options] [-- main.py / launcher flags]")
     parser.add_argument("config", help="a file of configs/")
     parser.add_argument("--gpus", type=int, default=None,
                         help="GPUs (processes) per node; default: all visible GPUs (8 with --slurm)")

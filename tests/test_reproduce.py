@@ -144,8 +144,86 @@ def test_sweeps_and_overrides():
     assert reproduce.parse_value("1e-5") == 1e-5 and reproduce.parse_value("/a/b.pth") == "/a/b.pth"
     with pytest.raises(UserInputError, match="set by the launcher"):
         reproduce.apply_overrides(config, ["output_dir=/x"])
-    assert reproduce.to_argv({"eval": True, "aux": False, "finetune": "", "names": ["a", "b"], "lr": 1e-5}) == \
-        ["--eval", "--names", "a", "b", "--lr", "1e-05"]
+    assert reproduce.to_argv({"eval": True, "sgd": False, "finetune": "", "lr_backbone_names": ["a", "b"],
+                              "lr": 1e-5}) == ["--eval", "--lr_backbone_names", "a", "b", "--lr", "1e-05"]
+
+
+def test_false_turns_a_flag_off():
+    """`KEY = false` for a flag that is on by default becomes its off form: RT-DETR's EMA, the
+    auxiliary losses, TensorBoard (they were dropped, and stayed on); `true` of an off form or of
+    the setting it stores turns the flag on; a false that leaving the flag out gives is left out."""
+    flags = {"model": "rtdetr", "ema": False, "aux_loss": False, "tensorboard": False, "sgd": False,
+             "no_iou_aware_query_selection": True, "multi_scale": True, "no_aux_loss": False}
+    argv = reproduce.to_argv(flags)
+    assert argv == ["--model", "rtdetr", "--no_ema", "--no_aux_loss", "--no_tensorboard",
+                    "--no_iou_aware_query_selection"]
+    args = main_parser().parse_args(argv)
+    assert (args.ema, args.aux_loss, args.tensorboard, args.sgd, args.iou_aware_query_selection,
+            args.multi_scale) == (False, False, False, False, False, True)
+    assert main_parser().parse_args(["--model", "rtdetr"]).ema is True  # what the dropped entry left on
+    assert reproduce.to_argv({"model": "detr", "ema": True, "eval": True}) == ["--model", "detr", "--ema", "--eval"]
+
+
+def test_false_that_no_flag_expresses_is_refused():
+    """A switch that is on by default with no off form: `KEY = false` cannot be honoured, and
+    leaving it out would keep it on. main.py has none today; a parser with one shows the rule."""
+    parser = reproduce.RefusingParser(add_help=False)
+    parser.add_argument("--model", default="detr")
+    parser.add_argument("--flip", action="store_true", default=True)
+    parser.add_argument("--no_flop", dest="flop", action="store_false", default=False)
+    assert reproduce.to_argv({"flip": True}, parser) == ["--flip"]
+    with pytest.raises(UserInputError, match=r"^no main.py flag sets flip to False \(its default for --model detr "
+                                             r"is True\); remove the entry$"):
+        reproduce.to_argv({"flip": False}, parser)
+    with pytest.raises(UserInputError, match="no main.py flag sets flop to True"):
+        reproduce.to_argv({"flop": True}, parser)
+    with pytest.raises(UserInputError, match="x.toml, entry flip: no main.py flag sets flip to False"):
+        reproduce.check_entries({"flip": False}, lambda key: f"x.toml, entry {key}", parser)
+
+
+def refusal(argv, capsys):
+    """reproduce.main(argv)'s exit status 2 and its one line, nothing on stdout."""
+    assert reproduce.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+def test_bad_entries_are_refused_in_one_line_before_anything_runs(tmp_path, capsys, monkeypatch):
+    """An unknown key, a value out of range, a false for a flag that takes a value, an upstream
+    flag dap-detr does not implement, max_batch_per_gpu 0, bad flags after --: one line naming the
+    config file (or the --set) and the key, where argparse printed its usage, or split_batch
+    raised StopIteration; no run starts, not even the sweep's first, valid point."""
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd: pytest.fail(f"ran {cmd}"))
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[flags]\nmodel = "detr"\ndap_sigmaa = 0.1\n')
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('[flags]\nmodel = "detr"\nloss = "dap"\n[sweep]\ndap_sigma = [0.1, 0]\n')
+    base = ["--coco_path", str(tmp_path), "--output_root", str(tmp_path / "out"), "--gpus", "1"]
+    dap = [os.path.join(REPO, "configs", "detr_r50_dap.toml"), *base]
+    cases = [
+        ([str(typo), *base], f"{typo}, entry dap_sigmaa: main.py has no flag --dap_sigmaa (did you mean dap_sigma?)"),
+        ([str(sweep), *base], f"{sweep}, entry dap_sigma: argument --dap_sigma: must be greater than 0, got '0'"),
+        ([*dap, "--set", "dap_sigma=0"], "--set dap_sigma=0: argument --dap_sigma: must be greater than 0, got '0'"),
+        ([*dap, "--set", "dap_sigmaa=0.1"], "--set dap_sigmaa=0.1: main.py has no flag --dap_sigmaa"),
+        ([*dap, "--set", "dap_sig=0.1"], "--set dap_sig=0.1: main.py has no flag --dap_sig"),  # no abbreviations
+        ([*dap, "--set", "lr=false"], "--set lr=false: --lr is not an on/off flag"),
+        ([*dap, "--set", "masks=true"], "--set masks=true: --masks is not supported by dap-detr"),
+        ([*dap, "--set", "max_batch_per_gpu=0"], "--set max_batch_per_gpu=0: must be a positive integer"),
+        ([*dap, "--", "--dap_bins", "0"], f"{dap[0]} with the flags after --: argument --dap_bins: must be"),
+        ([*dap, "--slurm", "--", "--ngpus", "0"], f"{dap[0]} with the flags after --: argument --ngpus:"),
+    ]
+    for argv, expected in cases:
+        try:
+            err = refusal(argv, capsys)
+        except SystemExit:  # argparse's usage and exit (the defect)
+            pytest.fail(f"{argv}: argparse's usage instead of one line: {capsys.readouterr().err[-300:]}")
+        assert err.startswith(f"error: {expected}"), (argv, err)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exit_info:  # the script's own options: main.py's one-line parser
+        reproduce.main([*dap, "--gpus", "x"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: argument --gpus: invalid int value: 'x'; see --help\n"
 
 
 def test_checkpoint_resolution(tmp_path):

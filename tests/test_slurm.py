@@ -18,11 +18,15 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import submitit
+import torch
 
+import main as detr_main
 import run_with_submitit
+from util.errors import TrainingDiverged, UserInputError
 
 from conftest import REPO, TINY_DETR_FLAGS
 
@@ -111,7 +115,8 @@ def test_launcher_refuses_bad_input(tmp_path, capsys, monkeypatch):
     cases = [
         (["--coco_path", str(tmp_path)], "sbatch not found"),
         (["--cluster", "local", "--nodes", "2", "--coco_path", str(tmp_path)], "--nodes 1"),
-        (["--cluster", "local", "--nodes", "1", "--coco_path", str(tmp_path / "none")], "is not a folder"),
+        (["--cluster", "local", "--nodes", "1", "--coco_path", str(tmp_path / "none")],
+         "is not accessible from this machine (No such file or directory)"),
         (["--cluster", "local", "--nodes", "1", "--coco_path", str(tmp_path), "--finetune", str(tmp_path / "x.pth")],
          "file not found"),
     ]
@@ -125,6 +130,95 @@ def test_launcher_refuses_bad_input(tmp_path, capsys, monkeypatch):
     assert run_with_submitit.job_folders(args) == (os.path.abspath("o/submitit"), os.path.abspath("o"))
     args = run_with_submitit.get_launcher_parser().parse_args([])
     assert run_with_submitit.job_folders(args) == (os.path.abspath("experiments/%j"),) * 2
+
+
+def coco_layout(root, categories=({"id": 1, "name": "a"},)):
+    """The COCO folders and annotation files, without images: what the submission checks read."""
+    for folder in ("train2017", "val2017", "annotations"):
+        (root / folder).mkdir(parents=True)
+    for image_set in ("train", "val"):
+        data = {"images": [], "annotations": [], "categories": list(categories)}
+        (root / "annotations" / f"instances_{image_set}2017.json").write_text(json.dumps(data))
+    return str(root)
+
+
+def test_submission_refuses_what_the_job_would_refuse(tmp_path, capsys, monkeypatch):
+    """Flags main.py refuses, a batch that does not split over the job's processes, a --coco_path
+    this machine cannot read or without the COCO layout, invalid categories, a missing checkpoint:
+    one line, exit status 2, nothing submitted (they used to fail after the queue wait)."""
+    submitted = []
+    monkeypatch.setattr(run_with_submitit.submitit, "AutoExecutor", lambda **kwargs: submitted.append(kwargs))
+    coco = coco_layout(tmp_path / "coco")
+    no_annotations = tmp_path / "no_annotations"
+    (no_annotations / "train2017").mkdir(parents=True)
+    (no_annotations / "val2017").mkdir()
+    bad_categories = coco_layout(tmp_path / "bad_categories", categories=({"id": 1}, {"id": 1}))
+    cases = [
+        (["--coco_path", coco, "--hidden_dim", "30", "--nheads", "4"], "not divisible by --nheads 4"),
+        (["--coco_path", coco, "--eval"], "--eval evaluates the weights of a checkpoint"),
+        (["--coco_path", coco, "--total_batch_size", "6", "--ngpus", "4"],
+         "--total_batch_size 6 is not divisible by the job's 4 processes (--ngpus 4 x --nodes 1) x --accum_iter 1"),
+        (["--coco_path", coco, "--total_batch_size", "8", "--ngpus", "2", "--accum_iter", "3"], "--accum_iter 3"),
+        (["--coco_path", str(tmp_path / "elsewhere")], "not accessible from this machine"),
+        (["--coco_path", str(no_annotations)], "instances_train2017.json does not exist"),
+        (["--coco_path", bad_categories], "category id(s) [1] appear twice"),
+        (["--coco_path", coco, "--finetune", str(tmp_path / "x.pth")], "x.pth: file not found on this machine"),
+        ([], "--coco_path is not set"),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run_with_submitit.main(["--cluster", "local", "--nodes", "1", "--device", "cpu",
+                                    "--output_dir", str(tmp_path / "out"), *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("error: ") and expected in err, (argv, err)
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert submitted == [] and not (tmp_path / "out").exists()
+    # Fixed, the same flags pass.
+    run_with_submitit.check_submission(launcher_args("--cluster", "local", "--device", "cpu", "--coco_path", coco,
+                                                     "--total_batch_size", "8", "--ngpus", "2", "--nodes", "1",
+                                                     "--accum_iter", "2"))
+
+
+def launcher_args(*argv):
+    return run_with_submitit.get_launcher_parser().parse_args(list(argv))
+
+
+def test_submission_check_counts_cuda_of_the_job_node(tmp_path):
+    """A SLURM job on --device cuda asks for GPUs: submitted from a login node without any, it
+    passes main.check_args's CUDA check there, which still applies to every other check and to a
+    local job; args are left as they were (check_args edits what it checks)."""
+    coco = coco_layout(tmp_path / "coco")
+    args = launcher_args("--cluster", "slurm", "--coco_path", coco, "--ngpus", "1", "--nodes", "1")
+    before = vars(args).copy()
+    run_with_submitit.check_submission(args)  # no error, with or without a GPU here
+    assert vars(args) == before
+    with pytest.raises(UserInputError, match="not divisible by --nheads"):
+        run_with_submitit.check_submission(launcher_args("--cluster", "slurm", "--coco_path", coco, "--nheads", "7"))
+    with pytest.raises(UserInputError, match="--device cudaa is not supported"):
+        run_with_submitit.check_submission(launcher_args("--cluster", "slurm", "--coco_path", coco,
+                                                         "--device", "cudaa"))
+    if not torch.cuda.is_available():  # a local job runs here: no GPU, no job
+        with pytest.raises(UserInputError, match="CUDA is not available"):
+            run_with_submitit.check_submission(launcher_args("--cluster", "local", "--coco_path", coco))
+
+
+def test_a_refusal_inside_the_job_is_one_line(tmp_path, capsys, monkeypatch):
+    """main.py's refusals (a UserInputError once the job runs: a file that changed since the
+    submission, the training annotations) end the job with main.py's one line and exit status,
+    not with a traceback in the job's log."""
+    job = types.SimpleNamespace(job_id="7", num_tasks=1)
+    monkeypatch.setattr(run_with_submitit.submitit, "JobEnvironment", lambda: job)
+    trainer = run_with_submitit.Trainer(launcher_args("--output_dir", str(tmp_path / "%j")))
+    for error, status in [(UserInputError("annotation file x.json:\n  'images' must be a list"), 2),
+                          (TrainingDiverged("the loss is nan at step 3"), 1)]:
+        def refuse(args, error=error):
+            raise error
+        monkeypatch.setattr(detr_main, "main", refuse)
+        with pytest.raises(SystemExit) as exit_info:
+            trainer()
+        assert exit_info.value.code == status
+        assert capsys.readouterr().err == f"error: {error.one_line()}\n"
+    assert (tmp_path / "7").is_dir()
 
 
 def test_continue_in_output_dir(tmp_path):
