@@ -28,6 +28,7 @@ from engine import MixedPrecision, evaluate, train_one_epoch
 from models import DEFAULT_FAMILY, FAMILIES, build_model
 from models.ema import ModelEMA
 from models.family import DetectorFamily
+from models.set_criterion import LOSSES
 from util import interrupts, preemption
 from util.args import (
     OneLineParser,
@@ -130,7 +131,7 @@ def get_args_parser():
     parser.add_argument("--giou_loss_coef", default=2, type=non_negative_float)
     parser.add_argument("--eos_coef", default=0.1, type=unit_interval, help="relative weight of the no-object class")
     # * DAP-loss (docs/DAP.md)
-    parser.add_argument("--loss", default="raw", choices=("raw", "dap", "raw+dap", "ap", "alrp", "rs"),
+    parser.add_argument("--loss", default="raw", choices=tuple(LOSSES),
                         help="upstream losses, DAP-loss only, or both summed; or a ranking loss (docs/LOSSES.md): "
                              "ap = AP-Loss instead of the classification loss, beside the upstream box losses; "
                              "alrp = aLRP Loss instead of both, with its self-balanced localisation component; "
@@ -245,7 +246,7 @@ def check_args(args, cuda_available=None):
     if not (args.set_cost_class or args.set_cost_bbox or args.set_cost_giou) and args.matcher == "hungarian":
         raise UserInputError("--set_cost_class, --set_cost_bbox and --set_cost_giou are all 0: the Hungarian "
                              "matcher has no cost; give one of them a weight")
-    if args.matcher == "dap" and args.dap_cost_mode == "momentum" and args.loss not in ("dap", "raw+dap"):
+    if args.matcher == "dap" and args.dap_cost_mode == "momentum" and LOSSES[args.loss].batch_loss != "dap":
         raise UserInputError(f"--dap_cost_mode momentum averages the precision of DAP-loss, which --loss {args.loss} "
                              f"does not compute: use --loss dap or raw+dap, or --dap_cost_mode constant")
     check_family_flags(args)

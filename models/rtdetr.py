@@ -202,14 +202,15 @@ def loss_names(args):
 
 
 def weights_for(names, suffix, args):
+    batch_loss = loss_choice(args).batch_loss
     keys = {"vfl": {"loss_vfl": args.cls_loss_coef}, "focal": {"loss_focal": args.cls_loss_coef},
             "boxes": {"loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef},
-            **{name: batch_loss_weights(args) for name in ("dap", "ap", "alrp", "rs")}}
+            batch_loss: batch_loss_weights(args)}
     return {k + suffix: w for name in names for k, w in keys[name].items()}
 
 
 def check_args(args):
-    if args.loss in ("dap", "ap", "alrp", "rs") and args.iou_aware_query_selection:
+    if not loss_choice(args).classification and args.iou_aware_query_selection:
         raise UserInputError(f"--loss {args.loss} with RT-DETR trains the encoder's query selection with that loss, "
                              f"not with the IoU-aware varifocal loss: add --no_iou_aware_query_selection (or use "
                              f"--loss raw+dap)")

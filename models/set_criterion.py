@@ -339,13 +339,21 @@ class LossChoice(NamedTuple):
     batch_loss: str | None  # 'dap', 'ap', 'alrp', 'rs', or None
 
 
+# The values of --loss: raw, dap and raw+dap (docs/DAP.md); ap (AP-Loss beside the upstream box
+# losses) and rs (RS Loss with its own GIoU term) replace the classification loss, alrp (aLRP Loss,
+# with its own localisation component) both upstream losses (docs/LOSSES.md).
+LOSSES = {
+    "raw": LossChoice(classification=True, boxes=True, batch_loss=None),
+    "dap": LossChoice(classification=False, boxes=False, batch_loss="dap"),
+    "raw+dap": LossChoice(classification=True, boxes=True, batch_loss="dap"),
+    "ap": LossChoice(classification=False, boxes=True, batch_loss="ap"),
+    "alrp": LossChoice(classification=False, boxes=False, batch_loss="alrp"),
+    "rs": LossChoice(classification=False, boxes=False, batch_loss="rs"),
+}
+
+
 def loss_choice(args):
-    """--loss: raw, dap and raw+dap (docs/DAP.md); ap (AP-Loss beside the upstream box losses)
-    and rs (RS Loss with its GIoU term) replace the classification loss, alrp (aLRP Loss, its
-    own localisation component) both upstream losses (docs/LOSSES.md)."""
-    raw = args.loss in ("raw", "raw+dap")
-    batch_loss = {"dap": "dap", "raw+dap": "dap", "ap": "ap", "alrp": "alrp", "rs": "rs"}.get(args.loss)
-    return LossChoice(raw, raw or args.loss == "ap", batch_loss)
+    return LOSSES[args.loss]
 
 
 def batch_loss_weights(args):
