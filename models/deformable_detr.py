@@ -18,7 +18,14 @@ from .deformable_transformer import build_deformable_transformer
 from .family import DetectorFamily, num_classes_for, param_groups_by_name
 from .layers import MLP, get_clones
 from .postprocess import TopKPostProcess
-from .set_criterion import BaseSetCriterion, Layer, build_criterion, set_losses, sigmoid_focal_loss, with_aux_weights
+from .set_criterion import (
+    BaseSetCriterion,
+    Layer,
+    build_criterion,
+    focal_classification_loss,
+    set_losses,
+    with_aux_weights,
+)
 
 
 class DeformableDETR(nn.Module):
@@ -153,14 +160,9 @@ class SetCriterion(BaseSetCriterion):
         """Focal loss over every (query, class); a matched query's target is its ground
         truth's class, every other target is 0. Normalised by num_boxes."""
         src_logits = outputs["pred_logits"]
-        idx, target_classes_o = pairs.index, pairs.labels
-        target_onehot = torch.zeros_like(src_logits)
-        target_onehot[idx + (target_classes_o,)] = 1
-        # mean over queries times their number: upstream's reduction, kept for identical numerics.
-        loss_ce = sigmoid_focal_loss(src_logits, target_onehot, totals["num_boxes"], alpha=self.focal_alpha, gamma=2)
-        losses = {"loss_ce": loss_ce * src_logits.shape[1]}
+        losses = {"loss_ce": focal_classification_loss(src_logits, pairs, totals["num_boxes"], self.focal_alpha)}
         if log:
-            losses["class_error"] = 100 - accuracy(src_logits[idx], target_classes_o)[0]
+            losses["class_error"] = 100 - accuracy(src_logits[pairs.index], pairs.labels)[0]
         return losses
 
     def layers(self, outputs, targets):

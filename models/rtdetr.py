@@ -29,8 +29,9 @@ from .set_criterion import (
     Layer,
     batch_loss_weights,
     build_criterion,
+    focal_classification_loss,
     loss_choice,
-    sigmoid_focal_loss,
+    one_hot_targets,
 )
 
 # Training sizes of upstream's multi-scale schedule (times --input_scale), one drawn per batch.
@@ -98,18 +99,11 @@ class RTDETRCriterion(BaseSetCriterion):
     def loss_map(self):
         return {"vfl": self.loss_vfl, "focal": self.loss_focal, "boxes": self.loss_boxes}
 
-    @staticmethod
-    def _one_hot_targets(logits, pairs):
-        """[B, Q, K] one-hot of each matched query's class (pairs: MatchedPairs)."""
-        one_hot = torch.zeros_like(logits)
-        one_hot[pairs.index + (pairs.labels,)] = 1.0
-        return one_hot
-
     def loss_vfl(self, outputs, targets, pairs, totals):
         """Varifocal loss: BCE towards the matched box's IoU (detached) at its class and 0
         elsewhere; negatives weighted by alpha * p**gamma, positives by their target IoU."""
         logits = outputs["pred_logits"]
-        idx, one_hot = pairs.index, self._one_hot_targets(logits, pairs)
+        idx, one_hot = pairs.index, one_hot_targets(logits, pairs)
         ious = box_ops.paired_box_iou(box_ops.box_cxcywh_to_xyxy(outputs["pred_boxes"][idx]),
                                       box_ops.box_cxcywh_to_xyxy(pairs.boxes)).detach()
         target_score = torch.zeros_like(logits)
@@ -125,9 +119,7 @@ class RTDETRCriterion(BaseSetCriterion):
         """Sigmoid focal loss towards the one-hot class of the matched queries (RT-DETR's
         classification loss without IoU awareness)."""
         logits = outputs["pred_logits"]
-        one_hot = self._one_hot_targets(logits, pairs)
-        loss = sigmoid_focal_loss(logits, one_hot, totals["num_boxes"], alpha=self.alpha, gamma=self.gamma)
-        return {"loss_focal": loss * logits.shape[1]}
+        return {"loss_focal": focal_classification_loss(logits, pairs, totals["num_boxes"], self.alpha, self.gamma)}
 
     def layers(self, outputs, targets):
         aux = outputs.get("aux_outputs", [])

@@ -121,6 +121,21 @@ def sigmoid_focal_loss(inputs, targets, num_boxes, alpha=0.25, gamma=2.0):
     return loss.mean(1).sum() / num_boxes
 
 
+def one_hot_targets(logits, pairs):
+    """[B, Q, K] targets of a sigmoid head: 1 at each matched query's class (pairs: MatchedPairs),
+    0 elsewhere."""
+    one_hot = torch.zeros_like(logits)
+    one_hot[pairs.index + (pairs.labels,)] = 1.0
+    return one_hot
+
+
+def focal_classification_loss(logits, pairs, num_boxes, alpha, gamma=2.0):
+    """Deformable DETR's and RT-DETR's classification loss: the focal loss of every (query, class)
+    towards one_hot_targets; sigmoid_focal_loss's mean over queries times their number, upstream's
+    reduction, kept for identical numerics."""
+    return sigmoid_focal_loss(logits, one_hot_targets(logits, pairs), num_boxes, alpha, gamma) * logits.shape[1]
+
+
 class BaseSetCriterion(nn.Module):
     """Match each output layer to the targets, then score the matched pairs with the layer's
     losses (keys get the layer's name as suffix). Subclasses supply the classification losses
