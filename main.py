@@ -320,21 +320,26 @@ def check_data_layout(partial_epoch, epoch, args):
                              "same to continue that epoch")
 
 
-# What the optimizer and its schedule were built from: a resume restores their state (the
-# learning rates, the StepLR period, the parameter groups), so a changed value would be ignored
-# or, for the groups, fail to load.
-OPTIMIZER_FLAGS = ("sgd", "lr", "lr_backbone", "weight_decay", "lr_drop", "lr_backbone_names",
-                   "lr_linear_proj_names", "lr_linear_proj_mult")
+# A resumed run continues one training: the optimizer's flags (its state, the learning rates, the
+# StepLR period and the parameter groups, is restored, so a changed value would be ignored or, for
+# the groups, fail to load) and the loss's and the matcher's (a changed value would train the rest
+# of the run with another recipe, and its log mix the two).
+RESUMED_FLAGS = (
+    "sgd", "lr", "lr_backbone", "weight_decay", "lr_drop", "lr_backbone_names", "lr_linear_proj_names",
+    "lr_linear_proj_mult", "loss", "matcher", "aux_loss", "cls_loss_coef", "bbox_loss_coef", "giou_loss_coef",
+    "eos_coef", "focal_alpha", "set_cost_class", "set_cost_bbox", "set_cost_giou", "dap_sigma", "dap_bins",
+    "dap_num_gt", "dap_neg_topk", "dap_cost_mode", "dap_momentum", "dap_loss_coef", "rank_delta", "rank_loss_coef",
+)
 
 
-def check_resumed_optimizer(resumed_args, args):
-    """Refuse a --resume whose optimizer flags differ from those the checkpoint was trained with."""
-    for flag in OPTIMIZER_FLAGS:
+def check_resumed_flags(resumed_args, args):
+    """Refuse a --resume whose training flags differ from those the checkpoint was trained with."""
+    for flag in RESUMED_FLAGS:
         then, now = getattr(resumed_args, flag, None), getattr(args, flag, None)
         if then is not None and now is not None and then != now:
             raise UserInputError(
-                f"--resume {args.resume} was trained with --{flag} {then}, this run asks for {now}: a resumed run "
-                f"keeps its optimizer and learning-rate schedule; pass --{flag} {then}, or start a new run from its "
+                f"--resume {args.resume} was trained with {flag}={then}, this run asks for {flag}={now}: a resumed "
+                f"run continues the same training; give the checkpoint's value, or start a new run from its "
                 "weights with --finetune")
 
 
@@ -353,7 +358,7 @@ def restore(args, finetune, resume, model, criterion, optimizer, lr_scheduler, a
     fit_state_dict(model, model_state_from_checkpoint(resume, args.resume), source=args.resume)
     if args.eval or not all(k in resume for k in ("optimizer", "lr_scheduler", "epoch")):
         return None, None
-    check_resumed_optimizer(resume.get("args"), args)
+    check_resumed_flags(resume.get("args"), args)
     partial_epoch = resume.get("partial_epoch")
     if partial_epoch is not None:
         check_data_layout(partial_epoch, resume["epoch"] + 1, args)

@@ -377,20 +377,23 @@ def test_bad_checkpoint(how, flag, trained, base_data, tmp_path, capsys, monkeyp
     assert {k: v for k, v in after.items() if "/out/" not in k} == before
 
 
-@pytest.mark.parametrize("flag,value,named", [(["--lr", "1e-6"], "0.0001", "--lr"),
-                                              (["--lr_drop", "1"], "200", "--lr_drop"),
-                                              (["--sgd"], "False", "--sgd"),
-                                              (["--lr_backbone", "0"], "1e-05", "--lr_backbone")])
-def test_resume_with_other_optimizer_flags_is_refused(flag, value, named, trained, base_data, tmp_path, capsys):
+@pytest.mark.parametrize("flag,value,named", [(["--lr", "1e-6"], "0.0001", "lr"),
+                                              (["--lr_drop", "1"], "200", "lr_drop"),
+                                              (["--sgd"], "False", "sgd"),
+                                              (["--lr_backbone", "0"], "1e-05", "lr_backbone"),
+                                              (["--loss", "dap"], "raw", "loss"),
+                                              (["--set_cost_giou", "3"], "2", "set_cost_giou")])
+def test_resume_with_other_training_flags_is_refused(flag, value, named, trained, base_data, tmp_path, capsys):
     """A resumed run restores its optimizer and schedule: a changed learning rate or drop would be
-    ignored, another optimizer or parameter grouping would fail at its first step."""
+    ignored, another optimizer or parameter grouping would fail at its first step; another loss or
+    matching would train the rest of the run with another recipe."""
     out = tmp_path / "run"
     shutil.copytree(trained, out)
     before = snapshot(out)
     code, err = cli(tiny(*base_data, "--output_dir", out, "--resume", out / "checkpoint.pth", "--epochs", "2", *flag),
                     capsys)
     assert code == 2
-    line = one_line(err, f"trained with {named} {value}")
+    line = one_line(err, f"trained with {named}={value}")
     assert "--finetune" in line
     assert snapshot(out) == before
 
