@@ -44,11 +44,13 @@ from util.args import (
     unit_interval,
 )
 from util.checkpoint import (
+    architecture_differences,
     fit_state_dict,
     load_checkpoint,
     model_state_from_checkpoint,
     restore_criterion,
     save_checkpoint,
+    shapeless_differences,
 )
 from util.errors import TrainingDiverged, UserInputError
 from util.logs import append_log, drop_log_lines_from, save_coco_eval, write_json
@@ -351,11 +353,19 @@ def restore(args, finetune, resume, model, criterion, optimizer, lr_scheduler, a
     if finetune is not None:
         drop = model.class_head_prefixes if args.finetune_drop_class_head else ()
         fit_state_dict(model, model_state_from_checkpoint(finetune, args.finetune), source=args.finetune,
-                       drop_prefixes=drop)
+                       drop_prefixes=drop, trained_with=architecture_differences(finetune, args))
         print(f"Fine-tuning from {args.finetune}" + (" (class head re-initialised)" if drop else ""))
+        silent = shapeless_differences(finetune, args)
+        if silent:
+            print(f"Note: {args.finetune} was trained with {', '.join(silent)}; this run sets them otherwise")
     if resume is None:
         return None, None
-    fit_state_dict(model, model_state_from_checkpoint(resume, args.resume), source=args.resume)
+    fit_state_dict(model, model_state_from_checkpoint(resume, args.resume), source=args.resume,
+                   trained_with=architecture_differences(resume, args))
+    silent = shapeless_differences(resume, args)
+    if silent:
+        raise UserInputError(f"--resume {args.resume} was trained with {', '.join(silent)}, which its weights fit "
+                             "either way but compute otherwise: give those flags")
     if args.eval or not all(k in resume for k in ("optimizer", "lr_scheduler", "epoch")):
         return None, None
     check_resumed_flags(resume.get("args"), args)

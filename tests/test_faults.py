@@ -398,6 +398,20 @@ def test_resume_with_other_training_flags_is_refused(flag, value, named, trained
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("flags,expected", [
+    (["--num_queries", "12"], "does not fit the model: shape mismatch: query_embed.weight"),
+    (["--nheads", "4"], "which its weights fit either way but compute otherwise"),
+])
+def test_a_checkpoint_of_another_architecture_names_the_flags_it_was_trained_with(flags, expected, trained,
+                                                                                   base_data, capsys):
+    """Weights of another shape (--num_queries), or of the same shapes computing otherwise
+    (--nheads, DETR-DC5's --dilation): the line names the flags the checkpoint was trained with."""
+    code, err = cli(tiny(*base_data, "--eval", "--resume", trained / "checkpoint.pth", *flags), capsys)
+    assert code == 2
+    line = one_line(err, expected)
+    assert f"trained with {flags[0][2:]}={TINY_DETR_FLAGS[TINY_DETR_FLAGS.index(flags[0]) + 1]}" in line
+
+
 def test_unreachable_checkpoint_url(base_data, capsys):
     code, err = cli(tiny(*base_data, "--finetune", "http://127.0.0.1:9/detr.pth"), capsys)
     assert code == 2

@@ -95,12 +95,38 @@ def _summarise(keys, limit=6):
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
 
 
-def fit_state_dict(model, state_dict, source="checkpoint", drop_prefixes=()):
+# The flags that shape a model's weights: where a checkpoint of this code does not fit, those it
+# was trained with and this run sets otherwise are the likely fix.
+ARCHITECTURE_FLAGS = ("model", "backbone", "dilation", "position_embedding", "hidden_dim", "nheads", "enc_layers",
+                      "dec_layers", "dim_feedforward", "num_queries", "pre_norm", "num_classes", "backbone_norm",
+                      "num_feature_levels", "enc_n_points", "dec_n_points", "with_box_refine", "two_stage")
+
+
+def architecture_differences(checkpoint, args):
+    """['flag=value', ...]: the architecture flags a checkpoint's 'args' (this code's and
+    upstream's checkpoints hold them) sets otherwise than args."""
+    then = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    return [f"{flag}={getattr(then, flag)}" for flag in ARCHITECTURE_FLAGS
+            if getattr(then, flag, None) is not None and getattr(args, flag, None) is not None
+            and getattr(then, flag) != getattr(args, flag)]
+
+
+# Architecture flags that change no weight's shape: a checkpoint loads strictly into a model built
+# otherwise, which then computes something else (DETR-DC5's weights without --dilation).
+SHAPELESS_FLAGS = ("dilation", "nheads")
+
+
+def shapeless_differences(checkpoint, args):
+    return [d for d in architecture_differences(checkpoint, args) if d.split("=")[0] in SHAPELESS_FLAGS]
+
+
+def fit_state_dict(model, state_dict, source="checkpoint", drop_prefixes=(), trained_with=()):
     """Load ``state_dict`` into ``model`` strictly: every key present with the right shape.
 
     Keys starting with one of ``drop_prefixes`` are not loaded (the model keeps its freshly
     initialised values for them): this is how a released COCO checkpoint fine-tunes on a dataset
-    with another number of classes. Any other mismatch is an error naming the keys.
+    with another number of classes. Any other mismatch is an error naming the keys, and
+    trained_with (architecture_differences) where the checkpoint says how it was built.
     """
     def dropped(key):
         return any(key.startswith(p) for p in drop_prefixes)
@@ -124,9 +150,11 @@ def fit_state_dict(model, state_dict, source="checkpoint", drop_prefixes=()):
         problems.append(f"non-finite values (NaN or inf) in {_summarise(not_finite)}")
     if problems:
         hint = ""
-        if any("class_embed" in k or "score_head" in k for k in wrong_shape):
-            hint = (" (the class head has another number of classes: pass --num_classes to match, "
-                    "or --finetune_drop_class_head to re-initialise it)")
+        if trained_with:
+            hint = f" (it was trained with {', '.join(trained_with)}: give those flags)"
+        elif any("class_embed" in k or "score_head" in k for k in wrong_shape):
+            hint = (" (the class head has another number of classes: pass the --num_classes it was trained with, "
+                    "or fine-tune with --finetune and --finetune_drop_class_head to re-initialise it)")
         raise UserInputError(f"{source} does not fit the model: {'; '.join(problems)}{hint}")
     model.load_state_dict(state_dict, strict=not drop_prefixes)
 
