@@ -98,7 +98,9 @@ def test_process_placement_torchrun_slurm_or_none():
     with pytest.raises(UserInputError, match="--world_size 4, but SLURM started 8 tasks"):
         process_placement(4, dict(srun))
     assert process_placement(1, dict(srun)) is None  # one process inside an allocation
-    assert process_placement(8, {}) is None
+    assert process_placement(1, {}) is None
+    with pytest.raises(UserInputError, match="--world_size 8, but no launcher started the processes"):
+        process_placement(8, {})
 
 
 def test_cuda_device_index_is_the_local_rank_among_the_visible_gpus(monkeypatch):

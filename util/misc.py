@@ -145,6 +145,10 @@ def process_placement(world_size_flag, environ):
             raise UserInputError(f"--world_size {world_size_flag}, but SLURM started {placement[1]} tasks "
                                  f"(SLURM_NTASKS); pass --world_size {placement[1]} or srun --ntasks {world_size_flag}")
         return placement
+    if world_size_flag > 1:  # else: one process training what was meant for several, silently
+        raise UserInputError(f"--world_size {world_size_flag}, but no launcher started the processes: run it under "
+                             f"torchrun --nproc_per_node={world_size_flag} (or srun --ntasks {world_size_flag}), "
+                             "which sets the world size itself, or drop --world_size")
     return None
 
 
