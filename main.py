@@ -235,10 +235,15 @@ def check_args(args, cuda_available=None):
     has CUDA (default: this one; run_with_submitit checks a job for a GPU node from a login node)."""
     if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
         raise UserInputError(f"--device {args.device} is not supported; use cuda, cuda:N or cpu")
-    if cuda_available is None:
+    here = cuda_available is None
+    if here:
         cuda_available = torch.cuda.is_available()
     if args.device.startswith("cuda") and not cuda_available:
         raise UserInputError(f"--device {args.device} was requested but CUDA is not available; pass --device cpu")
+    index = torch.device(args.device).index
+    if here and index is not None and index >= torch.cuda.device_count():
+        raise UserInputError(f"--device {args.device}, but this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}; pick one of them")
     if args.hidden_dim % args.nheads:
         raise UserInputError(f"--hidden_dim {args.hidden_dim} is not divisible by --nheads {args.nheads}; "
                              "change one of them")

@@ -205,6 +205,16 @@ def run_cli(argv, capsys):
     return exit_info.value.code, err
 
 
+def test_a_gpu_index_the_machine_does_not_have_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    detr_main.check_args(parse(["--device", "cuda:1"]))
+    with pytest.raises(detr_main.UserInputError, match=r"cuda:2, but this machine has 2 GPU\(s\), cuda:0..cuda:1"):
+        detr_main.check_args(parse(["--device", "cuda:2"]))
+    # a job checked for its GPU node (run_with_submitit) is not held to this machine's count
+    detr_main.check_args(parse(["--device", "cuda:2"]), cuda_available=True)
+
+
 @pytest.mark.parametrize("case", ["no_coco_dir", "no_annotations", "missing_ckpt", "ckpt_misfit", "cuda"])
 def test_bad_input_is_one_clear_line(case, synthetic_coco, tmp_path, capsys):
     flags = data_flags(synthetic_coco) + ["--epochs", "1"]
