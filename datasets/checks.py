@@ -18,6 +18,7 @@ def _is_number(value):
 
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
+MAX_IMAGE_ID = 2**53  # float64 holds every integer below it exactly
 GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -92,6 +93,9 @@ def check_detection_file(data, ann_file, category_ids=None, category_file=None):
     for i, image in enumerate(data["images"]):
         if not isinstance(image, dict) or not _is_int(image.get("id")):
             fail(f"images[{i}] has no integer 'id'")
+        if not 0 <= image["id"] < MAX_IMAGE_ID:
+            fail(f"images[{i}] has id {image['id']}; image ids must be in 0..2**53 - 1 (the evaluation holds them "
+                 "as float64, where larger ones collide); renumber the images")
         if not isinstance(image.get("file_name"), str) or not image["file_name"]:
             fail(f"images[{i}] (id {image['id']}) has no 'file_name'")
         if image["id"] in image_ids:

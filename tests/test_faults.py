@@ -232,6 +232,7 @@ DATA_CASES = {
     "duplicate_category": (duplicate("categories"), "appear twice"),
     "image_without_file_name": (drop_key("images", 0, "file_name"), "'file_name'"),
     "image_without_id": (drop_key("images", 0, "id"), "integer 'id'"),
+    "image_id_beyond_float64": (lambda d: d["images"][0].update(id=2**53), "image ids must be in 0..2**53 - 1"),
     "category_without_id": (drop_key("categories", 0, "id"), "integer 'id'"),
     "images_not_a_list": (set_top("images", {}), "'images' must be a list"),
     "annotations_not_a_list": (set_top("annotations", None), "'annotations' must be a list"),
