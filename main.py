@@ -258,7 +258,7 @@ def check_args(args, cuda_available=None):
                              f"does not compute: use --loss dap or raw+dap, or --dap_cost_mode constant")
     check_family_flags(args)
     FAMILIES[args.model].check_args(args)
-    args.eval_backend = resolve_eval_backend(args.eval_backend)
+    resolve_eval_backend(args.eval_backend)  # refuses a backend that is not installed
     if args.tensorboard and not tensorboard_installed():
         raise UserInputError("--tensorboard needs the tensorboard package: pip install tensorboard, or leave out "
                              "--tensorboard")
@@ -268,8 +268,14 @@ def check_args(args, cuda_available=None):
         raise UserInputError("--finetune_drop_class_head needs --finetune")
     if args.eval and not (args.resume or args.finetune):
         raise UserInputError("--eval evaluates the weights of a checkpoint: give it with --resume (or --finetune)")
+
+
+def resolve_args(args):
+    """What the checked flags imply, written into args (which checkpoints and logs record): the
+    evaluation backend that --eval_backend auto picks; no ImageNet backbone weights under a
+    checkpoint, which overwrites them (fetching them would be wasted, and fail offline)."""
+    args.eval_backend = resolve_eval_backend(args.eval_backend)
     if args.finetune or args.resume:
-        # The checkpoint overwrites the backbone: fetching ImageNet weights would be wasted (and fail offline).
         args.pretrained_backbone = False
 
 
@@ -417,13 +423,16 @@ class Run:
         return self.ema.module if self.ema is not None else self.model
 
     def checkpoint_state(self, epoch, args):
-        return (self.model_without_ddp, self.criterion, self.optimizer, self.lr_scheduler, epoch, args,
-                self.ema, self.amp.scaler, self.steps_done)
+        """save_checkpoint's arguments, by name."""
+        return dict(model=self.model_without_ddp, criterion=self.criterion, optimizer=self.optimizer,
+                    lr_scheduler=self.lr_scheduler, epoch=epoch, args=args, ema=self.ema, scaler=self.amp.scaler,
+                    steps_done=self.steps_done)
 
 
 def setup(args):
     """Check the flags, join the process group, fix the batch, seed. Returns the device."""
     check_args(args)
+    resolve_args(args)
     utils.init_distributed_mode(args)
     set_batch_size(args)
     print(utils.get_sha())
@@ -478,8 +487,8 @@ def save_epoch(output_dir, epoch, log_stats, coco_evaluator, run, args):
     # written before checkpoint.pth, which a resume reads: stopped in between, the epoch is redone
     # and its copy written again, never skipped.
     if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.checkpoint_period == 0:
-        save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", *state)
-    save_checkpoint(output_dir / "checkpoint.pth", *state)
+        save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", **state)
+    save_checkpoint(output_dir / "checkpoint.pth", **state)
 
 
 def begin_epoch(epoch, partial_epoch, sampler_train, args):
@@ -502,7 +511,7 @@ def save_partial_epoch(output_dir, epoch, stopped, run, args):
     rng_states = utils.all_gather(utils.get_rng_state())  # every process takes part
     if output_dir is not None:
         partial_epoch = {**stopped, "rng_states": rng_states, "layout": data_layout(args)}
-        save_checkpoint(output_dir / "checkpoint.pth", *run.checkpoint_state(epoch - 1, args),
+        save_checkpoint(output_dir / "checkpoint.pth", **run.checkpoint_state(epoch - 1, args),
                         partial_epoch=partial_epoch)
     if args.distributed:  # none exits before the file is written: torchrun ends the others when one exits
         torch.distributed.barrier()

@@ -144,7 +144,7 @@ class Trainer:
 def check_submission(args):
     """Refuse now, with one line, what main.py would refuse at the job's start: its flag checks,
     the batch split over the job's processes, --coco_path and its annotations, the checkpoint
-    files. On a copy of args, as the job will see them (main.check_args edits args)."""
+    files. On a copy of args, as the job will see them."""
     job_args = copy.deepcopy(args)
     continue_in_output_dir(vars(job_args))  # a restarted run resumes from its output folder instead of --finetune
     # A SLURM job on cuda asks for --ngpus GPUs per node (submit): its node has CUDA, unlike a

@@ -329,6 +329,8 @@ def test_the_flag_is_checked_before_anything_loads(monkeypatch):
         detr_main.check_args(args)
     args = parse(["--device", "cpu"])
     detr_main.check_args(args)
+    assert args.eval_backend == "auto"  # checked, not changed
+    detr_main.resolve_args(args)
     assert args.eval_backend == "pycocotools"  # what auto resolved to is what the run records
 
 

@@ -149,12 +149,13 @@ def fit_state_dict(model, state_dict, source="checkpoint", drop_prefixes=(), tra
     if not_finite:
         problems.append(f"non-finite values (NaN or inf) in {_summarise(not_finite)}")
     if problems:
-        hint = ""
+        hints = []
         if trained_with:
-            hint = f" (it was trained with {', '.join(trained_with)}: give those flags)"
-        elif any("class_embed" in k or "score_head" in k for k in wrong_shape):
-            hint = (" (the class head has another number of classes: pass the --num_classes it was trained with, "
-                    "or fine-tune with --finetune and --finetune_drop_class_head to re-initialise it)")
+            hints.append(f"it was trained with {', '.join(trained_with)}: give those flags")
+        if any("class_embed" in k or "score_head" in k for k in wrong_shape):
+            hints.append("the class head has another number of classes: pass the --num_classes it was trained "
+                         "with, or fine-tune with --finetune and --finetune_drop_class_head to re-initialise it")
+        hint = f" ({'; '.join(hints)})" if hints else ""
         raise UserInputError(f"{source} does not fit the model: {'; '.join(problems)}{hint}")
     model.load_state_dict(state_dict, strict=not drop_prefixes)
 
