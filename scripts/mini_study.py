@@ -37,7 +37,6 @@ checkpoint. One study at a time per --out: the folder is locked while it runs.
 import argparse
 import contextlib
 import ctypes
-import fcntl
 import json
 import math
 import multiprocessing
@@ -58,7 +57,7 @@ from scipy import stats as scipy_stats
 import main as detr_main
 from datasets.synthetic import make_synthetic_coco
 from util.errors import UserInputError
-from util.output_dir import write_atomically
+from util.output_dir import exclusive_lock, write_atomically
 from util.plot_utils import plot_logs, plot_precision_recall, read_log
 
 COCO_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -879,14 +878,8 @@ def main():
 def lock_study(out):
     """Hold an exclusive lock on out/.lock until the returned file is closed: a second study in the
     same folder would start over the runs this one is training."""
-    handle = open(out / ".lock", "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise UserInputError(f"another study is running in {out} (it holds {out / '.lock'}); wait for it to end "
-                             "or pass another --out") from None
-    return handle
+    return exclusive_lock(out / ".lock", f"another study is running in {out} (it holds {out / '.lock'}); wait for "
+                                         "it to end or pass another --out")
 
 
 def claim_data(out, data):

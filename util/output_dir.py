@@ -67,16 +67,24 @@ def _disk_is_full(err, folder):
         return False
 
 
-def lock_output_dir(folder):
-    """Hold an exclusive lock on folder/.lock for the life of this process; refuses if another
-    process holds it. Returns the open lock file (keep a reference to keep the lock)."""
-    handle = open(folder / LOCK_FILE, "a+")
+def exclusive_lock(path, refusal):
+    """An exclusive lock on the file at path, held until the returned open file is closed (or the
+    process ends); UserInputError(refusal) if another process holds it."""
+    handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise UserInputError(f"another run is writing to --output_dir {folder} (it holds {folder / LOCK_FILE}); "
-                             "wait for it to end or choose another --output_dir") from None
+        raise UserInputError(refusal) from None
+    return handle
+
+
+def lock_output_dir(folder):
+    """Hold an exclusive lock on folder/.lock for the life of this process; refuses if another
+    process holds it. Returns the open lock file (keep a reference to keep the lock)."""
+    handle = exclusive_lock(folder / LOCK_FILE, f"another run is writing to --output_dir {folder} (it holds "
+                                                f"{folder / LOCK_FILE}); wait for it to end or choose another "
+                                                "--output_dir")
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
